@@ -1,0 +1,220 @@
+"""``zshard consolidate``: a checkpoint -> safetensors weights, streaming in bounded memory.
+
+Takes each tensor's fp32 ``master`` weights where the checkpoint has them and ``param``
+otherwise, casts floating tensors to the requested dtype window by window, and writes either one
+``.safetensors`` file or a Hugging Face-style directory of shards with an index. Peak memory is
+one window plus a cast copy — not the largest tensor, not the model (DESIGN invariant 4). The
+output appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zshard.convert.importer import INDEX_NAME, TIES_METADATA_KEY
+from zshard.convert.safetensors_io import SafetensorsWriter
+from zshard.errors import InvalidArgumentError, OutputExistsError, ZshardError
+from zshard.store import dtypes
+from zshard.store.manifest import TensorEntry
+from zshard.store.reader import CheckpointReader, to_numpy, to_torch
+from zshard.store.root import parent_url
+from zshard.store.storage import LocalStorage, Storage, open_storage
+
+WINDOW_BYTES = 16 << 20
+DTYPE_CHOICES = ("fp32", "fp16", "bf16", "keep")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000; ``"2GiB"`` -> 2 * 2**30; a bare number is bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidArgumentError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB")
+    unit = m.group(2).upper()
+    scale = 2 ** (10 * "_KMGT".index(unit[0])) if "I" in unit else _UNITS[unit[:1]]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str  # name in the output file
+    source: TensorEntry
+    dtype: str  # output logical dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel * dtypes.dtype(self.dtype).itemsize
+
+
+def select(reader: CheckpointReader, dtype: str, include_optimizer: bool) -> list[OutputTensor]:
+    """The tensors to write: master over param, buffers, optionally optimizer state."""
+    if dtype not in DTYPE_CHOICES:
+        raise InvalidArgumentError(
+            f"unknown --dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}"
+        )
+    target = None if dtype == "keep" else dtypes.dtype(dtype).name
+    m = reader.manifest
+    by_name: dict[str, dict[str, TensorEntry]] = {}
+    for t in m.tensors:
+        by_name.setdefault(t.name, {})[t.kind] = t
+    out: list[OutputTensor] = []
+    for name, kinds in by_name.items():
+        src = kinds.get("master") or kinds.get("param") or kinds.get("buffer")
+        if src is None:
+            continue
+        out.append(OutputTensor(name, src, _cast_to(src.dtype, target)))
+    if include_optimizer:
+        for name, kinds in by_name.items():
+            for kind, t in sorted(kinds.items()):
+                if kind not in ("param", "master", "buffer"):
+                    out.append(OutputTensor(f"optimizer.{kind}.{name}", t, t.dtype))
+    return out
+
+
+def _cast_to(stored: str, target: str | None) -> str:
+    if target is None or not dtypes.dtype(stored).is_float:
+        return stored
+    return target
+
+
+def split_shards(tensors: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
+    """Greedy HF-style sharding in manifest order; a tensor larger than the limit stands alone."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def consolidate(
+    ckpt: str,
+    out: str,
+    *,
+    dtype: str = "fp32",
+    max_shard_size: str = "5GB",
+    include_optimizer: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Write consolidated weights to ``out``; returns the files written."""
+    max_bytes = parse_size(max_shard_size)
+    reader = CheckpointReader.open(ckpt)
+    tensors = select(reader, dtype, include_optimizer)
+    parent, name = parent_url(out)
+    dest_parent = open_storage(parent)
+    if dest_parent.exists(name) and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    metadata = {"format": "pt"}
+    if reader.manifest.ties:
+        metadata[TIES_METADATA_KEY] = json.dumps(reader.manifest.ties, sort_keys=True)
+    total = sum(t.nbytes for t in tensors)
+    if out.endswith(".safetensors"):
+        if total > max_bytes:
+            raise InvalidArgumentError(
+                f"{out}: {total} bytes exceed --max-shard-size {max_shard_size}; give a directory "
+                "instead of a .safetensors file to write shards, or raise --max-shard-size"
+            )
+        _write_file(reader, dest_parent, name, tensors, metadata, progress)
+        return [out]
+    return _write_dir(reader, dest_parent, name, tensors, metadata, max_bytes, total, progress)
+
+
+def _write_file(
+    reader: CheckpointReader,
+    storage: Storage,
+    key: str,
+    tensors: list[OutputTensor],
+    metadata: dict[str, str],
+    progress: Callable[[int], None] | None,
+) -> None:
+    w = SafetensorsWriter(
+        storage, key, [(t.name, t.dtype, t.source.shape) for t in tensors], metadata
+    )
+    try:
+        for t in tensors:
+            _stream_tensor(reader, t, w, progress)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _stream_tensor(
+    reader: CheckpointReader,
+    t: OutputTensor,
+    w: SafetensorsWriter,
+    progress: Callable[[int], None] | None,
+) -> None:
+    src = dtypes.dtype(t.source.dtype)
+    window = max(1, WINDOW_BYTES // max(src.itemsize, dtypes.dtype(t.dtype).itemsize))
+    for lo in range(0, t.source.numel, window):
+        hi = min(lo + window, t.source.numel)
+        data = reader.read(t.source.name, t.source.kind, lo, hi)
+        if t.dtype != t.source.dtype:
+            # torch casts round to nearest even, including to bfloat16 (numpy has no bfloat16).
+            data = to_numpy(
+                to_torch(data, t.source.dtype).to(dtypes.to_torch(dtypes.dtype(t.dtype)))
+            )
+        w.write(data)
+        if progress:
+            progress(data.nbytes)
+
+
+def _write_dir(
+    reader: CheckpointReader,
+    parent: Storage,
+    name: str,
+    tensors: list[OutputTensor],
+    metadata: dict[str, str],
+    max_bytes: int,
+    total: int,
+    progress: Callable[[int], None] | None,
+) -> list[str]:
+    shards = split_shards(tensors, max_bytes)
+    n = len(shards)
+    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    remote = not isinstance(parent, LocalStorage)
+    # Local disks: build under a temporary name and rename the directory last. Elsewhere (object
+    # stores have no directories to rename) every file is published whole and the index, written
+    # last, marks the output complete.
+    stage_name = name if remote else f".{name}.tmp-{uuid.uuid4().hex[:12]}"
+    stage = parent.child(stage_name)
+    try:
+        weight_map = {}
+        for fname, shard in zip(files, shards):
+            _write_file(reader, stage, fname, shard, metadata, progress)
+            weight_map.update({t.name: fname for t in shard})
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        stage.write_atomic(INDEX_NAME, json.dumps(index, indent=2).encode())
+        if not remote:
+            _replace_dir(parent, stage_name, name)
+    except BaseException:
+        if not remote:
+            with contextlib.suppress(ZshardError):
+                parent.remove_tree(stage_name)
+        raise
+    return [f"{parent.url.rstrip('/')}/{name}/{f}" for f in [*files, INDEX_NAME]]
+
+
+def _replace_dir(parent: Storage, tmp: str, final: str) -> None:
+    assert isinstance(parent, LocalStorage)
+    src, dst = os.path.join(parent.root, tmp), os.path.join(parent.root, final)
+    if os.path.exists(dst):
+        # --overwrite: move the old output aside first so the final name is never half-done.
+        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, os.path.join(parent.root, old))
+        os.rename(src, dst)
+        parent.remove_tree(old)
+    else:
+        os.rename(src, dst)

@@ -1,0 +1,335 @@
+"""The checkpoint manifest: what a checkpoint holds and where. JSON only, never pickle.
+
+On disk (``manifest.json``) the body is framed with its checksum so that any flipped byte is
+caught, independently of how a JSON parser treats it::
+
+    {"crc32c":"<8 lowercase hex digits>","manifest":<body>}
+
+where the checksum is crc32c over the exact bytes of ``<body>``. Parsing validates every field's
+type and every fragment against the layout, so a manifest that lies (shapes, offsets, lengths,
+dtypes) is rejected before any data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+
+from zshard.errors import FormatVersionError, ManifestError
+from zshard.store import dtypes
+from zshard.store.layout import FlatGroup, Fragment, Layout, coverage_errors, placement_errors
+
+FORMAT_NAME = "zshard.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "manifest.json"
+_PREFIX = b'{"crc32c":"'
+_MIDDLE = b'","manifest":'
+# Group names and state kinds become path components: keep them to a safe alphabet.
+_IDENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+_MAX_ELEMENTS = 1 << 60
+
+
+def check_identifier(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise ManifestError(
+            f"{what} {value!r} is not a safe identifier (letters, digits, '_', '.', '-'; "
+            "not starting with '.' or '-')"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ArrayEntry:
+    """One zarr array: a flat group's buffer for one state kind."""
+
+    group: str
+    kind: str
+    dtype: str  # logical dtype name
+
+    @property
+    def path(self) -> str:
+        return f"data/{self.group}/{self.kind}"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One logical tensor: a name and state kind, its shape and logical dtype, and fragments."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    fragments: tuple[Fragment, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.dtype(self.dtype).itemsize
+
+
+@dataclass
+class Manifest:
+    step: int
+    layout: Layout
+    arrays: list[ArrayEntry]
+    tensors: list[TensorEntry]
+    ties: dict[str, str] = field(default_factory=dict)  # alias name -> stored name
+    state: dict[str, Any] = field(default_factory=dict)  # non-tensor state, JSON only
+    rank_state: int = 0  # number of per-rank state files (0 or the world size)
+    created: str = ""
+    zshard_version: str = ""
+
+    def array(self, group: str, kind: str) -> ArrayEntry:
+        for a in self.arrays:
+            if a.group == group and a.kind == kind:
+                return a
+        raise KeyError((group, kind))
+
+    def tensor(self, name: str, kind: str) -> TensorEntry:
+        for t in self.tensors:
+            if t.name == name and t.kind == kind:
+                return t
+        raise KeyError((name, kind))
+
+    def kinds(self) -> list[str]:
+        return sorted({t.kind for t in self.tensors})
+
+    # -- serialisation -------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "zshard_version": self.zshard_version,
+            "created": self.created,
+            "step": self.step,
+            "layout": {
+                "world_size": self.layout.world_size,
+                "stage": self.layout.stage,
+                "groups": [
+                    {
+                        "name": g.name,
+                        "partition_numel": g.partition_numel,
+                        "chunk_numel": g.chunk_numel,
+                    }
+                    for g in self.layout.groups
+                ],
+            },
+            "arrays": [{"group": a.group, "kind": a.kind, "dtype": a.dtype} for a in self.arrays],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "kind": t.kind,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    # [group, rank, offset, start, length]: compact for large world sizes.
+                    "fragments": [list(f) for f in t.fragments],
+                }
+                for t in self.tensors
+            ],
+            "ties": dict(self.ties),
+            "state": self.state,
+            "rank_state": self.rank_state,
+        }
+
+    def to_bytes(self) -> bytes:
+        self.validate()
+        try:
+            body = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"checkpoint state is not JSON-serialisable: {e}") from e
+        return _PREFIX + f"{crc32c.crc32c(body):08x}".encode() + _MIDDLE + body + b"}"
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str) -> Manifest:
+        head = len(_PREFIX) + 8 + len(_MIDDLE)
+        if not raw.startswith(_PREFIX) or raw[len(_PREFIX) + 8 : head] != _MIDDLE:
+            raise ManifestError(f"{where}: not a zshard manifest (bad framing)")
+        if not raw.endswith(b"}") or len(raw) < head + 2:
+            raise ManifestError(f"{where}: manifest is truncated")
+        body = raw[head:-1]
+        stored = raw[len(_PREFIX) : len(_PREFIX) + 8]
+        if stored != f"{crc32c.crc32c(body):08x}".encode():
+            raise ManifestError(f"{where}: manifest fails its crc32c checksum (corrupted)")
+        try:
+            obj = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise ManifestError(f"{where}: manifest is not valid JSON: {e}") from None
+        m = cls.from_json(obj, where)
+        m.validate(where)
+        return m
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> Manifest:
+        p = _Parser(where)
+        obj = p.mapping(obj, "manifest")
+        if p.get(obj, "format", str) != FORMAT_NAME:
+            raise ManifestError(f"{where}: not a zshard checkpoint manifest")
+        version = p.get(obj, "format_version", int)
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: format version {version} is newer than this zshard reads "
+                f"({FORMAT_VERSION}); upgrade zshard"
+            )
+        lay = p.mapping(p.get(obj, "layout", dict), "layout")
+        groups = []
+        for g in p.get(lay, "groups", list):
+            g = p.mapping(g, "layout.groups[]")
+            name = check_identifier(p.get(g, "name", str), "group name")
+            try:
+                groups.append(
+                    FlatGroup(name, p.count(g, "partition_numel"), p.count(g, "chunk_numel"))
+                )
+            except ValueError as e:
+                raise ManifestError(f"{where}: {e}") from None
+        try:
+            layout = Layout(p.get(lay, "world_size", int), p.get(lay, "stage", int), tuple(groups))
+        except ValueError as e:
+            raise ManifestError(f"{where}: layout: {e}") from None
+        arrays = []
+        for a in p.get(obj, "arrays", list):
+            a = p.mapping(a, "arrays[]")
+            arrays.append(
+                ArrayEntry(
+                    check_identifier(p.get(a, "group", str), "group name"),
+                    check_identifier(p.get(a, "kind", str), "state kind"),
+                    p.dtype(p.get(a, "dtype", str)),
+                )
+            )
+        tensors = []
+        for t in p.get(obj, "tensors", list):
+            t = p.mapping(t, "tensors[]")
+            name = p.get(t, "name", str)
+            shape = tuple(
+                p.count(s, f"shape of {name!r}", raw=True) for s in p.get(t, "shape", list)
+            )
+            frags = []
+            for f in p.get(t, "fragments", list):
+                if not isinstance(f, list) or len(f) != 5 or not isinstance(f[0], str):
+                    raise ManifestError(f"{where}: tensor {name!r}: malformed fragment {f!r}")
+                nums = [p.count(x, f"fragment of {name!r}", raw=True) for x in f[1:]]
+                frags.append(Fragment(f[0], *nums))
+            tensors.append(
+                TensorEntry(
+                    name,
+                    check_identifier(p.get(t, "kind", str), "state kind"),
+                    shape,
+                    p.dtype(p.get(t, "dtype", str)),
+                    tuple(frags),
+                )
+            )
+        ties = p.get(obj, "ties", dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()):
+            raise ManifestError(f"{where}: ties must map names to names")
+        return cls(
+            step=p.count(obj, "step"),
+            layout=layout,
+            arrays=arrays,
+            tensors=tensors,
+            ties=dict(ties),
+            state=p.get(obj, "state", dict),
+            rank_state=p.count(obj, "rank_state"),
+            created=p.get(obj, "created", str),
+            zshard_version=p.get(obj, "zshard_version", str),
+        )
+
+    # -- consistency ---------------------------------------------------------------------------
+
+    def validate(self, where: str = "manifest") -> None:
+        """Raise ``ManifestError`` unless every fragment fits the layout exactly once."""
+        errs = self.errors()
+        if errs:
+            more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+            raise ManifestError(f"{where}: {errs[0]}{more}")
+
+    def errors(self) -> list[str]:
+        errs: list[str] = []
+        lay = self.layout
+        groups = {g.name: g for g in lay.groups}
+        arrays: dict[tuple[str, str], ArrayEntry] = {}
+        for entry in self.arrays:
+            if entry.group not in groups:
+                errs.append(f"array {entry.path} names unknown group {entry.group!r}")
+            if (entry.group, entry.kind) in arrays:
+                errs.append(f"array {entry.path} is listed twice")
+            arrays[(entry.group, entry.kind)] = entry
+        seen: set[tuple[str, str]] = set()
+        used: dict[tuple[str, str], list[tuple[int, int, str]]] = defaultdict(list)
+        for t in self.tensors:
+            label = f"tensor {t.name!r} ({t.kind})"
+            if (t.name, t.kind) in seen:
+                errs.append(f"{label} is listed twice")
+            seen.add((t.name, t.kind))
+            if t.numel > _MAX_ELEMENTS:
+                errs.append(f"{label} has an implausible shape {list(t.shape)}")
+                continue
+            errs += [f"{label}: {e}" for e in coverage_errors(t.fragments, t.numel)]
+            for f in t.fragments:
+                g = groups.get(f.group)
+                a = arrays.get((f.group, t.kind))
+                if g is None or a is None:
+                    errs.append(f"{label}: no array for group {f.group!r} and kind {t.kind!r}")
+                    continue
+                if a.dtype != t.dtype:
+                    errs.append(f"{label}: dtype {t.dtype} differs from array {a.path}'s {a.dtype}")
+                errs += [f"{label}: {e}" for e in placement_errors(f, g, lay.world_size)]
+                used[(f.group, t.kind)].append((f.offset, f.offset + f.length, t.name))
+        for (group, kind), spans in used.items():
+            spans.sort()
+            for (_, hi, first), (lo, _, second) in zip(spans, spans[1:]):
+                if lo < hi:
+                    errs.append(
+                        f"tensors {first!r} and {second!r} overlap in array data/{group}/{kind}"
+                    )
+        names = {t.name for t in self.tensors}
+        for alias, target in self.ties.items():
+            if alias in names:
+                errs.append(f"tie {alias!r} -> {target!r}: the alias is also stored")
+            if target not in names:
+                errs.append(f"tie {alias!r} -> {target!r}: the target is not stored")
+        if self.rank_state not in (0, lay.world_size):
+            errs.append(f"rank_state={self.rank_state} must be 0 or the world size")
+        return errs
+
+
+class _Parser:
+    """Typed field access that turns every surprise into a one-line ManifestError."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def mapping(self, obj: Any, what: str) -> Mapping[str, Any]:
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{self.where}: {what} must be a JSON object")
+        return obj
+
+    def get(self, obj: Mapping[str, Any], key: str, typ: type) -> Any:
+        if key not in obj:
+            raise ManifestError(f"{self.where}: missing field {key!r}")
+        value = obj[key]
+        if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
+            raise ManifestError(f"{self.where}: field {key!r} must be {typ.__name__}")
+        return value
+
+    def count(self, obj: Any, key: str, raw: bool = False) -> int:
+        value = obj if raw else self.get(obj, key, int)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_ELEMENTS:
+            raise ManifestError(
+                f"{self.where}: {key} must be a non-negative integer, got {value!r}"
+            )
+        return value
+
+    def dtype(self, name: str) -> str:
+        if name not in dtypes.DTYPES:
+            raise ManifestError(f"{self.where}: unknown dtype {name!r}")
+        return name

@@ -1,0 +1,138 @@
+"""Reading a committed checkpoint: any range of any logical tensor, for any target layout.
+
+A read intersects the wanted element range with the tensor's recorded fragments
+(``layout.intersect``) and reads only the chunks that overlap, verifying each chunk's crc32c.
+Opening a checkpoint parses JSON only: nothing is ever unpickled (DESIGN invariant 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from zshard.errors import CheckpointNotFoundError, CorruptDataError, InvalidArgumentError
+from zshard.store import dtypes
+from zshard.store.layout import intersect
+from zshard.store.manifest import MANIFEST_KEY, Manifest, TensorEntry
+from zshard.store.root import CheckpointRef, resolve
+from zshard.store.shard import read_shard_range, shard_key
+from zshard.store.storage import Storage, open_storage
+from zshard.store.writer import rank_state_key, unframe_json
+
+
+class CheckpointReader:
+    def __init__(self, ref: CheckpointRef, manifest: Manifest, storage: Storage) -> None:
+        self.ref = ref
+        self.manifest = manifest
+        self.dir = storage
+        self._index_checked: set[str] = set()
+        self._by_key = {(t.name, t.kind): t for t in manifest.tensors}
+
+    @classmethod
+    def open(cls, url: str) -> CheckpointReader:
+        """Open a step directory, or the newest committed checkpoint of a root."""
+        ref = resolve(url)
+        storage = open_storage(ref.url)
+        if not storage.exists(MANIFEST_KEY):
+            raise CheckpointNotFoundError(f"{ref.url}: checkpoint vanished while opening")
+        raw = storage.read(MANIFEST_KEY)
+        return cls(ref, Manifest.from_bytes(raw, f"{ref.url}/{MANIFEST_KEY}"), storage)
+
+    @property
+    def url(self) -> str:
+        return self.ref.url
+
+    def has(self, name: str, kind: str) -> bool:
+        return (name, kind) in self._by_key
+
+    def tensor(self, name: str, kind: str) -> TensorEntry:
+        try:
+            return self._by_key[(name, kind)]
+        except KeyError:
+            target = self.manifest.ties.get(name)
+            if target is not None and (target, kind) in self._by_key:
+                return self._by_key[(target, kind)]
+            raise InvalidArgumentError(f"{self.url}: no tensor {name!r} of kind {kind!r}") from None
+
+    def read(self, name: str, kind: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Flattened elements ``[start, stop)`` of a logical tensor, in its storage dtype."""
+        t = self.tensor(name, kind)
+        stop = t.numel if stop is None else stop
+        if not 0 <= start <= stop <= t.numel:
+            raise InvalidArgumentError(
+                f"range [{start}, {stop}) outside tensor {name!r} of {t.numel} elements"
+            )
+        dt = dtypes.dtype(t.dtype)
+        out = np.empty(stop - start, dtype=dt.numpy)
+        self.read_into(t, start, out)
+        return out
+
+    def read_into(self, t: TensorEntry, start: int, out: np.ndarray) -> None:
+        """Fill ``out`` (storage dtype) with elements ``[start, start + out.size)`` of ``t``."""
+        m = self.manifest
+        dt = dtypes.dtype(t.dtype)
+        for piece in intersect(t.fragments, start, start + out.size):
+            g = m.layout.group(piece.group)
+            key = shard_key(m.array(piece.group, t.kind).path, piece.rank)
+            lo = piece.offset - piece.rank * g.partition_numel
+            read_shard_range(
+                self.dir,
+                key,
+                g,
+                dt,
+                lo,
+                out[piece.out_offset : piece.out_offset + piece.length],
+                where=f"tensor {t.name!r} ({t.kind}) in {self.dir.url}/{key}",
+                check_index_bytes=key not in self._index_checked,
+            )
+            self._index_checked.add(key)
+
+    def read_tensor(self, name: str, kind: str) -> np.ndarray:
+        """A whole logical tensor, shaped, in its storage dtype (bfloat16 as uint16)."""
+        t = self.tensor(name, kind)
+        return self.read(name, kind).reshape(t.shape)
+
+    def read_torch(self, name: str, kind: str, start: int = 0, stop: int | None = None) -> Any:
+        """Like ``read`` but as a 1-D torch tensor of the logical dtype."""
+        t = self.tensor(name, kind)
+        return to_torch(self.read(name, kind, start, stop), t.dtype)
+
+    def iter_tensors(self, kinds: set[str] | None = None) -> Iterator[TensorEntry]:
+        for t in self.manifest.tensors:
+            if kinds is None or t.kind in kinds:
+                yield t
+
+    def read_rank_state(self, rank: int) -> dict[str, Any]:
+        if not 0 <= rank < self.manifest.rank_state:
+            return {}
+        key = rank_state_key(rank)
+        state = unframe_json(self.dir.read(key), f"{self.dir.url}/{key}")
+        if not isinstance(state, dict):
+            raise CorruptDataError(f"{self.dir.url}/{key}: rank state is not a JSON object")
+        return state
+
+
+def to_torch(array: np.ndarray, logical: str) -> Any:
+    """View a storage-dtype numpy array as a torch tensor of its logical dtype (no copy)."""
+    import torch
+
+    dt = dtypes.dtype(logical)
+    t = torch.from_numpy(array)
+    if dt.storage != dt.name:  # bfloat16 / float8 travel as same-width unsigned ints
+        t = t.view(getattr(torch, dt.name))
+    return t
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """A CPU torch tensor as a numpy array of its storage dtype (bfloat16 -> uint16 view)."""
+    import torch
+
+    dt = dtypes.from_torch(tensor.dtype)
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if dt.storage != dt.name:
+        t = t.view(getattr(torch, dt.storage))
+    return t.contiguous().numpy()
