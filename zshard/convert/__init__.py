@@ -1,0 +1,1 @@
+"""Conversions over the store: import, inspect, reshard, consolidate. No process group needed."""
