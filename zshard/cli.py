@@ -13,10 +13,14 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
-import click
 import typer
 
 from zshard.errors import ZshardError
+
+try:  # recent typer runs on its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 app = typer.Typer(
     name="zshard",
@@ -41,7 +45,11 @@ def progress_bar(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int],
     with tqdm(
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable
     ) as bar:
-        yield bar.update
+
+        def tick(n: int) -> None:
+            bar.update(n)
+
+        yield tick
 
 
 def _nbytes(reader: Any) -> int:
@@ -161,9 +169,8 @@ def reshard(
     reader = CheckpointReader.open(ckpt)
     with progress_bar(_nbytes(reader), "reshard", quiet) as tick:
         ref = run_reshard(ckpt, to, out=out, stage=stage, overwrite=overwrite, progress=tick)
-    typer.echo(
-        f"resharded {reader.url} ({reader.manifest.layout.world_size} ranks) -> {ref.url} ({to} ranks)"
-    )
+    before = reader.manifest.layout.world_size
+    typer.echo(f"resharded {reader.url} ({before} ranks) -> {ref.url} ({to} ranks)")
 
 
 @app.command()
@@ -205,6 +212,49 @@ def consolidate(
 
 
 @app.command()
+def train(
+    config: Annotated[
+        str, typer.Argument(help="Training configuration (YAML), e.g. examples/tiny.yaml.")
+    ],
+    nproc: Annotated[
+        int | None, typer.Option(help="Worker processes on this node (default: GPUs, else 2).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a key by dotted path: --set zero.stage=3 (repeatable)."
+        ),
+    ] = None,
+    nnodes: Annotated[
+        str, typer.Option(help="Number of nodes, or MIN:MAX for elastic runs.")
+    ] = "1",
+    node_rank: Annotated[
+        int | None, typer.Option(help="This node's rank (static rendezvous).")
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the rendezvous (default 127.0.0.1:free port).")
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option(help="Restart the worker group this often after a failure.")
+    ] = 0,
+) -> None:
+    """Train with ZeRO stages 0-3 on N worker processes (torch.distributed.run)."""
+    from zshard.train.launch import LaunchConfig, launch
+
+    opts = LaunchConfig(
+        nproc=nproc,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        max_restarts=max_restarts,
+        overrides=list(set_ or []),
+    )
+    code = launch(config, opts)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def demo(
     workdir: Annotated[str, typer.Option(help="Where to write the demo files.")] = "demo-output",
     world_size: Annotated[int, typer.Option(help="Ranks to import for.")] = 4,
@@ -217,22 +267,126 @@ def demo(
         typer.echo(line)
 
 
+@app.command()
+def estimate(
+    config: Annotated[
+        str | None,
+        typer.Argument(help="Training configuration (YAML); its model is counted on `meta`."),
+    ] = None,
+    params: Annotated[
+        str | None, typer.Option(help="Parameter count instead of a CONFIG: 7.5e9, 7B, 350M.")
+    ] = None,
+    world_size: Annotated[
+        int | None,
+        typer.Option("--world-size", "-n", help="Ranks (default with CONFIG: GPUs, else 2)."),
+    ] = None,
+    stage: Annotated[
+        int | None, typer.Option(help="The stage you plan (default: the CONFIG's zero.stage).")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32, bf16 or fp16 (default: the CONFIG's, else bf16).")
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="With --params: adamw (default), adam, or sgd (momentum).")
+    ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(help="With --params: layers, to size stage-3 buffers (default: guessed)."),
+    ] = None,
+    offload_optimizer: Annotated[
+        bool, typer.Option(help="Optimizer state and fp32 master live off the rank.")
+    ] = False,
+    offload_param: Annotated[
+        bool, typer.Option(help="Stage 3: the parameter partition lives off the rank.")
+    ] = False,
+    memory_per_rank: Annotated[
+        str | None,
+        typer.Option(help="Memory of one rank: 16GB, 16GiB, bytes (default: this machine's)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a CONFIG key: --set model.args.n_layer=24."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Per-rank memory of model states for ZeRO stages 0-3, and the lowest stage that fits."""
+    from zshard.train.estimate import build_input, render
+    from zshard.train.estimate import estimate as run_estimate
+
+    inp = build_input(
+        config=config,
+        params=params,
+        world_size=world_size,
+        stage=stage,
+        precision=precision,
+        optimizer=optimizer,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        memory_per_rank=memory_per_rank,
+        layers=layers,
+        overrides=list(set_ or []),
+    )
+    est = run_estimate(inp)
+    if as_json:
+        typer.echo(json.dumps(est.to_json(), indent=2))
+        return
+    for line in render(est):
+        typer.echo(line)
+
+
+@app.command("ls")
+def ls_(
+    root: Annotated[str, typer.Argument(help="Checkpoint root (path or URL).")],
+    show_all: Annotated[
+        bool, typer.Option("--all", "-a", help="Also list incomplete (uncommitted) directories.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """List committed checkpoints: step, created, size, world size, stage; `*` marks latest."""
+    from zshard.convert.listing import list_checkpoints, render
+
+    listing = list_checkpoints(root)
+    if as_json:
+        typer.echo(json.dumps(listing.to_json(show_all), indent=2))
+        return
+    for line in render(listing, show_all):
+        typer.echo(line)
+
+
+@app.command()
+def plot(
+    runs: Annotated[
+        list[str], typer.Argument(help="Run directories (with metrics.jsonl) or metrics files.")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="Image to write: .png, .svg or .pdf.")],
+    overwrite: Overwrite = False,
+) -> None:
+    """Plot loss, learning rate, throughput and memory of one or more runs (needs matplotlib)."""
+    from zshard.train.plot import plot_runs
+
+    drawn = plot_runs(runs, out, overwrite=overwrite)
+    typer.echo(f"wrote {out} ({len(drawn)} run(s))")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: turn bad input into one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns the code of a command's `typer.Exit(code)`
+        # (verify's exit 1, an interrupt's 130) instead of exiting with it.
+        code = app(args=argv, standalone_mode=False)
     except ZshardError as e:
         typer.echo(f"zshard: error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError:
+    except click_exceptions.NoArgsIsHelpError as e:
+        typer.echo(e.format_message())  # the help text: `zshard` alone asks for it
         sys.exit(0)
-    except click.UsageError as e:
+    except click_exceptions.UsageError as e:
         cmd = f" {e.ctx.info_name}" if e.ctx and e.ctx.parent else ""
         typer.echo(f"zshard: error: {e.format_message()} (see zshard{cmd} --help)", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("zshard: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
@@ -243,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.suppress(Exception):
             sys.stderr.close()
         os._exit(0)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

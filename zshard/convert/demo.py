@@ -58,10 +58,10 @@ def run_demo(workdir: str, world_size: int = 4, to: int = 3) -> Iterator[str]:
         raise ZshardError(f"verify found faults: {report.faults[0]}")
     yield f"verified {report.chunks} chunks ({report.bytes_read} bytes), no faults"
     reader = CheckpointReader.open(ref2.url)
-    for t in reader.manifest.tensors:
-        got = reader.read_torch(t.name, t.kind).reshape(t.shape)
-        if not torch.equal(got, sd[t.name]):
-            raise ZshardError(f"demo: {t.name} changed in the round trip")
+    for entry in reader.manifest.tensors:
+        got = reader.read_torch(entry.name, entry.kind).reshape(entry.shape)
+        if not torch.equal(got, sd[entry.name]):
+            raise ZshardError(f"demo: {entry.name} changed in the round trip")
     for dtype in ("keep", "bf16"):
         out = os.path.join(workdir, f"model-{dtype}.safetensors")
         consolidate(ref2.url, out, dtype=dtype, overwrite=True)

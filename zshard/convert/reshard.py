@@ -29,28 +29,31 @@ def plan_layout(m: Manifest, world_size: int, stage: int) -> tuple[Layout, list[
     """The same tensors, in the same flat groups and order, cut for ``world_size`` ranks.
 
     A name's kinds share one placement: its param, master and optimizer states line up, as the
-    engine expects. A name stored with different sizes across kinds gets a group of its own.
+    engine expects. A name stored with different sizes across kinds (Adam's per-parameter
+    ``step`` scalar next to its ``exp_avg``) gets a group of its own for each size: one
+    placement cannot cover both sizes.
     """
     sizes: dict[str, set[int]] = defaultdict(set)
-    home: dict[str, tuple[str, int]] = {}  # name -> (group, offset of its first element)
+    # (name, numel) -> (group, offset of its first element)
+    home: dict[tuple[str, int], tuple[str, int]] = {}
     for t in m.tensors:
         sizes[t.name].add(t.numel)
         if t.fragments:
             first = min(t.fragments, key=lambda f: f.start)
-            home.setdefault(t.name, (first.group, first.offset))
-    order: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for name, (group, offset) in home.items():
-        order[group if len(sizes[name]) == 1 else f"{group}:{name}"].append((offset, name))
+            home.setdefault((t.name, t.numel), (first.group, first.offset))
+    order: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+    for (name, numel), (group, offset) in home.items():
+        key = group if len(sizes[name]) == 1 else f"{group}:{name}:{numel}"
+        order[key].append((offset, name, numel))
     groups: list[FlatGroup] = []
-    placement: dict[str, list[Fragment]] = {}
+    placement: dict[tuple[str, int], list[Fragment]] = {}
     for i, key in enumerate(sorted(order, key=lambda k: (k.split(":")[0], k))):
-        names = [n for _, n in sorted(order[key])]
-        numel = {n: max(sizes[n]) for n in names}
-        g, frags = pack(f"g{i:04d}", [(n, numel[n]) for n in names], world_size)
+        members = sorted(order[key])
+        g, frags = pack(f"g{i:04d}", [(n, numel) for _, n, numel in members], world_size)
         groups.append(g)
-        placement.update(frags)
+        placement.update({(n, numel): frags[n] for _, n, numel in members})
     tensors = [
-        TensorEntry(t.name, t.kind, t.shape, t.dtype, tuple(placement.get(t.name, [])))
+        TensorEntry(t.name, t.kind, t.shape, t.dtype, tuple(placement.get((t.name, t.numel), [])))
         for t in m.tensors
     ]
     return Layout(world_size, stage, tuple(groups)), tensors
@@ -93,6 +96,11 @@ def reshard(
     writer = CheckpointWriter(
         root, m.step, layout, arrays, tensors, ties=m.ties, overwrite=overwrite, name=name
     )
+    if writer.dir.url == reader.dir.url:
+        # prepare() would un-commit and delete the very checkpoint this reads from.
+        raise InvalidArgumentError(
+            f"{reader.url}: the output would replace the source checkpoint; pass another --out"
+        )
     writer.prepare()
     try:
         for a in arrays:

@@ -169,7 +169,11 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned, as safetensors does
         self.nbytes = 8 + len(raw) + pos
         self._stream: StreamWriter = storage.open_stream(key)
-        self._stream.write(struct.pack("<Q", len(raw)) + raw)
+        try:
+            self._stream.write(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self._stream.abort()  # the caller has no writer to abort: leave no temporary file
+            raise
         self._i = 0
         self._left = self._order[0][1] if self._order else 0
 

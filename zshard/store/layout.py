@@ -103,15 +103,17 @@ class Layout:
         return self.group(name).partition_numel * self.world_size
 
 
-def plan_partition(
-    numel: int, world_size: int, target_chunk: int = TARGET_CHUNK_NUMEL
-) -> tuple[int, int]:
+def plan_partition(numel: int, world_size: int, target_chunk: int | None = None) -> tuple[int, int]:
     """Partition and chunk sizes for a flat group of ``numel`` used elements.
 
     Returns ``(partition_numel, chunk_numel)`` with chunk dividing partition. Padding is less than
     one element per chunk per rank: a partition over ``target_chunk`` is cut into
     ``ceil(per_rank / target_chunk)`` equal chunks rather than rounded up to whole target chunks.
+    ``target_chunk`` defaults to ``TARGET_CHUNK_NUMEL`` as it is at call time, so tests and tools
+    can shrink chunks for every caller (``pack``) by setting the module constant.
     """
+    if target_chunk is None:
+        target_chunk = TARGET_CHUNK_NUMEL
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     per_rank = max(1, math.ceil(numel / world_size))

@@ -36,12 +36,19 @@ _IDENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _MAX_ELEMENTS = 1 << 60
 
 
-def check_identifier(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _IDENT.match(value):
-        raise ManifestError(
-            f"{what} {value!r} is not a safe identifier (letters, digits, '_', '.', '-'; "
-            "not starting with '.' or '-')"
-        )
+def identifier_error(value: str, what: str) -> str | None:
+    if isinstance(value, str) and _IDENT.match(value):
+        return None
+    return (
+        f"{what} {value!r} is not a safe identifier (letters, digits, '_', '.', '-'; "
+        "not starting with '.' or '-')"
+    )
+
+
+def check_identifier(value: str, what: str, where: str = "") -> str:
+    err = identifier_error(value, what)
+    if err:
+        raise ManifestError(f"{where}: {err}" if where else err)
     return value
 
 
@@ -185,7 +192,7 @@ class Manifest:
         groups = []
         for g in p.get(lay, "groups", list):
             g = p.mapping(g, "layout.groups[]")
-            name = check_identifier(p.get(g, "name", str), "group name")
+            name = check_identifier(p.get(g, "name", str), "group name", where)
             try:
                 groups.append(
                     FlatGroup(name, p.count(g, "partition_numel"), p.count(g, "chunk_numel"))
@@ -201,8 +208,8 @@ class Manifest:
             a = p.mapping(a, "arrays[]")
             arrays.append(
                 ArrayEntry(
-                    check_identifier(p.get(a, "group", str), "group name"),
-                    check_identifier(p.get(a, "kind", str), "state kind"),
+                    check_identifier(p.get(a, "group", str), "group name", where),
+                    check_identifier(p.get(a, "kind", str), "state kind", where),
                     p.dtype(p.get(a, "dtype", str)),
                 )
             )
@@ -222,7 +229,7 @@ class Manifest:
             tensors.append(
                 TensorEntry(
                     name,
-                    check_identifier(p.get(t, "kind", str), "state kind"),
+                    check_identifier(p.get(t, "kind", str), "state kind", where),
                     shape,
                     p.dtype(p.get(t, "dtype", str)),
                     tuple(frags),
@@ -256,8 +263,14 @@ class Manifest:
         errs: list[str] = []
         lay = self.layout
         groups = {g.name: g for g in lay.groups}
+        # Group names and kinds become paths: a writer must refuse "../x" before any byte lands.
+        for flat in lay.groups:
+            if err := identifier_error(flat.name, "group name"):
+                errs.append(err)
         arrays: dict[tuple[str, str], ArrayEntry] = {}
         for entry in self.arrays:
+            if err := identifier_error(entry.kind, "state kind"):
+                errs.append(err)
             if entry.group not in groups:
                 errs.append(f"array {entry.path} names unknown group {entry.group!r}")
             if (entry.group, entry.kind) in arrays:

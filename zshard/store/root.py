@@ -7,6 +7,7 @@ retention never see anything else (DESIGN invariant 2).
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -98,6 +99,10 @@ def join_url(base: str, name: str) -> str:
 
 def parent_url(url: str) -> tuple[str, str]:
     stripped = url.rstrip("/")
+    if "://" not in url and posixpath.basename(stripped) in ("", ".", ".."):
+        # "." (the cwd is a step directory) names no directory of its own: resolve it, or the
+        # step directory would become its own root and outputs would land inside it.
+        stripped = os.path.abspath(stripped or url)
     head, _, tail = stripped.rpartition("/")
     if not head or head.endswith(":/"):  # "s3://bucket" has no parent inside the store
         head = head + "/" if head.endswith(":/") else "."

@@ -118,7 +118,11 @@ class ShardWriter:
         self._written = 0  # elements accepted so far
         self.nbytes = shard_nbytes(group, dt)
         self._stream: StreamWriter = storage.open_stream(key)
-        self._stream.write(encode_index(group, dt))
+        try:
+            self._stream.write(encode_index(group, dt))
+        except BaseException:
+            self._stream.abort()  # the caller has no writer to abort: leave no temporary file
+            raise
 
     def write(self, piece: np.ndarray) -> None:
         if piece.dtype != self._np:

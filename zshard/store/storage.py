@@ -92,16 +92,20 @@ class _LocalStream:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._f: IO[bytes] = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit
 
+    # Writes and the commit fail like any other I/O (ENOSPC, EIO): one StorageError naming the
+    # file, so callers abort the stream and the CLI prints one line.
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            n = self._f.write(view)
-            view = view[n or 0 :]
+        with translate_errors(self._final):
+            while view:
+                n = self._f.write(view)
+                view = view[n or 0 :]
 
     def commit(self) -> None:
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self._tmp, self._final)
+        with translate_errors(self._final):
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self._tmp, self._final)
         _fsync_dir(os.path.dirname(self._final))
 
     def abort(self) -> None:
@@ -207,21 +211,25 @@ class LocalStorage:
 
 
 class _FsspecStream:
-    def __init__(self, fs: Any, path: str, atomic_put: bool) -> None:
+    def __init__(self, fs: Any, path: str, atomic_put: bool, where: str = "") -> None:
         self._fs = fs
         self._final = path
+        self._where = where or path  # the URL named in errors
         # Object stores publish a multipart upload only when it completes; file-like systems
         # need a temporary name and a rename.
         self._path = path if atomic_put else f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         self._f = fs.open(self._path, "wb")
 
     def write(self, data: memoryview | bytes) -> None:
-        self._f.write(data)
+        # Buffered parts are uploaded from here: network and quota errors surface in write.
+        with translate_errors(self._where):
+            self._f.write(data)
 
     def commit(self) -> None:
-        self._f.close()
-        if self._path != self._final:
-            self._fs.mv(self._path, self._final)
+        with translate_errors(self._where):
+            self._f.close()
+            if self._path != self._final:
+                self._fs.mv(self._path, self._final)
 
     def abort(self) -> None:
         discard = getattr(self._f, "discard", None)
@@ -291,7 +299,7 @@ class FsspecStorage:
             if self._atomic_put:
                 self.fs.pipe_file(self._p(key), data)
             else:
-                s = _FsspecStream(self.fs, self._p(key), atomic_put=False)
+                s = _FsspecStream(self.fs, self._p(key), False, f"{self.url}/{key}")
                 try:
                     s.write(data)
                     s.commit()
@@ -301,7 +309,7 @@ class FsspecStorage:
 
     def open_stream(self, key: str) -> StreamWriter:
         with translate_errors(self.url, key):
-            return _FsspecStream(self.fs, self._p(key), self._atomic_put)
+            return _FsspecStream(self.fs, self._p(key), self._atomic_put, f"{self.url}/{key}")
 
     def listdir(self, key: str) -> list[str]:
         with translate_errors(self.url, key):
