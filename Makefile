@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/zshard demo
+	$(BIN)/zshard train examples/tiny.yaml
 
 lint: venv
 	$(BIN)/ruff check zshard tests tools

@@ -237,6 +237,13 @@ def train(
     max_restarts: Annotated[
         int, typer.Option(help="Restart the worker group this often after a failure.")
     ] = 0,
+    deepspeed_config: Annotated[
+        str | None,
+        typer.Option(
+            "--deepspeed-config",
+            help="DeepSpeed JSON config to start from (keys in the YAML and --set win).",
+        ),
+    ] = None,
 ) -> None:
     """Train with ZeRO stages 0-3 on N worker processes (torch.distributed.run)."""
     from zshard.train.launch import LaunchConfig, launch
@@ -248,6 +255,7 @@ def train(
         rdzv_endpoint=rdzv_endpoint,
         max_restarts=max_restarts,
         overrides=list(set_ or []),
+        deepspeed_config=deepspeed_config,
     )
     code = launch(config, opts)
     if code:
@@ -294,10 +302,12 @@ def estimate(
         typer.Option(help="With --params: layers, to size stage-3 buffers (default: guessed)."),
     ] = None,
     offload_optimizer: Annotated[
-        bool, typer.Option(help="Optimizer state and fp32 master live off the rank.")
+        bool,
+        typer.Option("--offload-optimizer", help="Optimizer state and fp32 master off the rank."),
     ] = False,
     offload_param: Annotated[
-        bool, typer.Option(help="Stage 3: the parameter partition lives off the rank.")
+        bool,
+        typer.Option("--offload-param", help="Stage 3: the parameter partition off the rank."),
     ] = False,
     memory_per_rank: Annotated[
         str | None,
@@ -368,6 +378,11 @@ def plot(
     typer.echo(f"wrote {out} ({len(drawn)} run(s))")
 
 
+def one_line(message: str) -> str:
+    """Fold a message onto one line: pipelines and users read errors one line at a time."""
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: turn bad input into one line on stderr and exit code 2."""
     try:
@@ -375,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         # (verify's exit 1, an interrupt's 130) instead of exiting with it.
         code = app(args=argv, standalone_mode=False)
     except ZshardError as e:
-        typer.echo(f"zshard: error: {e}", err=True)
+        typer.echo(f"zshard: error: {one_line(str(e))}", err=True)
         sys.exit(2)
     except click_exceptions.NoArgsIsHelpError as e:
         typer.echo(e.format_message())  # the help text: `zshard` alone asks for it

@@ -1,0 +1,492 @@
+"""Training configuration: one tree of frozen, keyword-only dataclasses, validated at construction.
+
+Load it from a YAML file, a dict or an existing config, with dotted ``--set`` overrides::
+
+    cfg = load_config("train.yaml", ["zero.stage=3", "precision=bf16", "optimizer.lr=1e-3"])
+
+Every section checks its field types (modes are ``Literal``) and ranges in ``__post_init__``, so
+a bad file fails at start-up with the dotted key, the allowed values and the value given, e.g.
+``zero.stage: expected one of 0, 1, 2, 3, got 5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+
+import yaml
+
+from zshard.errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+DEFAULT_MICRO_BATCH_SIZE = 8  # used only when no two of the three batch sizes are given
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(hint))
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint; return it normalised (int -> float, list ->
+    tuple). Raise ConfigError naming ``key``, the expected type and the value."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        # `True == 1` in Python: never let a YAML boolean select stage 1.
+        if not isinstance(value, bool) and value in choices:
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint in (int, float) and isinstance(value, str) and _NUMBER.match(value.strip()):
+        # YAML 1.1 reads `5e8` (no dot) as a string; users mean the number.
+        return _coerce(float(value), hint, key)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        # YAML reads 5e8 as a float: accept integral floats for element counts.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict:
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif origin is tuple:
+        args = get_args(hint)
+        if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+    elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+    else:  # pragma: no cover - a field type this module does not handle is a bug here
+        raise TypeError(f"unsupported config field type {hint!r} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Section:
+    """Base of every section: type-checks fields against their hints, then ``_check()``."""
+
+    _section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(getattr(self, f.name), hints[f.name], self._key(f.name))
+            object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _key(self, name: str) -> str:
+        return f"{self._section}.{name}" if self._section else name
+
+    def _check(self) -> None:
+        """Range checks and cross-field rules of one section."""
+
+    def _positive(self, *names: str, allow_zero: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ConfigError(f"{self._key(name)}: expected a number {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(_Section):
+    """Which model to build: ``gpt`` or ``package.module:function``, called with ``args``."""
+
+    _section: ClassVar[str] = "model"
+    name: str = "gpt"
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def _check(self) -> None:
+        module, sep, func = self.name.partition(":")
+        if not self.name or (sep and (not module or not func)):
+            raise ConfigError(
+                f"model.name: expected 'gpt' or 'package.module:function', got {self.name!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(_Section):
+    """Training data: the built-in corpus or a path, cut into ``seq_len`` token windows."""
+
+    _section: ClassVar[str] = "data"
+    name: str = "builtin"
+    seq_len: int = 128
+
+    def _check(self) -> None:
+        self._positive("seq_len")
+        if not self.name:
+            raise ConfigError("data.name: expected 'builtin' or a path, got ''")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(_Section):
+    """Loop length and batch arithmetic (DeepSpeed's rule):
+    ``global_batch_size = micro_batch_size * grad_accum * world_size``; give any two, or one
+    (``grad_accum`` then defaults to 1); :meth:`resolve_batch` fills in the rest."""
+
+    _section: ClassVar[str] = "train"
+    steps: int = 100
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+    global_batch_size: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = never
+    activation_checkpointing: bool = False
+
+    def _check(self) -> None:
+        self._positive("steps", "micro_batch_size", "grad_accum", "global_batch_size")
+        self._positive("log_every", "eval_every", allow_zero=True)
+        m, a, g = self.micro_batch_size, self.grad_accum, self.global_batch_size
+        # The world size is only known at run time; what can be checked now, is.
+        if m is not None and a is not None and g is not None and g % (m * a):
+            raise ConfigError(
+                f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} "
+                f"x train.grad_accum={a} (it must equal micro_batch_size x grad_accum x world size)"
+            )
+
+    def resolved_global_batch(self, world_size: int) -> int:
+        return self.resolve_batch(world_size)[2]
+
+    def resolve_batch(self, world_size: int) -> tuple[int, int, int]:
+        """``(micro_batch_size, grad_accum, global_batch_size)`` for ``world_size`` ranks."""
+        m, a, g = self.micro_batch_size, self.grad_accum, self.global_batch_size
+        n = world_size
+        if g is not None and (m is None or a is None):
+            if m is None and a is None:
+                a = 1
+            per = a if m is None else m  # the one of the two that is known
+            assert per is not None
+            if g % (per * n):
+                known = "grad_accum" if m is None else "micro_batch_size"
+                raise ConfigError(
+                    f"train.global_batch_size={g} is not divisible by train.{known}={per} x "
+                    f"world size {n}; change one of them"
+                )
+            if m is None:
+                m = g // (per * n)
+            else:
+                a = g // (per * n)
+        if m is None:
+            m = DEFAULT_MICRO_BATCH_SIZE
+        if a is None:
+            a = 1
+        if g is None:
+            g = m * a * n
+        if g != m * a * n:
+            raise ConfigError(
+                f"train.global_batch_size={g} != train.micro_batch_size={m} x "
+                f"train.grad_accum={a} x world size {n} = {m * a * n}; give two of the three"
+            )
+        return m, a, g
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig(_Section):
+    """An optimizer run on flat fp32 partitions; results match ``torch.optim`` elementwise.
+
+    ``adamw`` decouples weight decay; ``adam`` adds ``weight_decay * param`` to the gradient
+    (L2); ``sgd`` uses ``momentum`` (0 = plain SGD) and optionally Nesterov.
+    """
+
+    _section: ClassVar[str] = "optimizer"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def _check(self) -> None:
+        self._positive("lr", "eps")
+        self._positive("weight_decay", "momentum", allow_zero=True)
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"optimizer.betas[{i}]: expected a number in [0, 1), got {beta}")
+        if self.nesterov and self.momentum <= 0:
+            raise ConfigError("optimizer.nesterov: Nesterov needs optimizer.momentum > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig(_Section):
+    """Learning rate: linear warmup over ``warmup_steps``, then constant, cosine or linear
+    decay to ``min_lr_ratio * lr`` at ``total_steps`` (default ``train.steps``)."""
+
+    _section: ClassVar[str] = "scheduler"
+    name: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    total_steps: int | None = None
+
+    def _check(self) -> None:
+        self._positive("warmup_steps", allow_zero=True)
+        self._positive("total_steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(
+                f"scheduler.min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossScaleConfig(_Section):
+    """Dynamic loss scaling for fp16 (DeepSpeed's knobs): the scale starts at
+    ``2**initial_scale_power``, halves from the ``hysteresis``-th consecutive overflow on, doubles
+    after ``window`` steps without overflow, and never drops below ``min_scale``."""
+
+    _section: ClassVar[str] = "precision.loss_scale"
+    initial_scale_power: int = 16
+    window: int = 1000
+    hysteresis: int = 2
+    min_scale: float = 1.0
+
+    def _check(self) -> None:
+        self._positive("initial_scale_power", allow_zero=True)
+        self._positive("window", "hysteresis", "min_scale")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionConfig(_Section):
+    """Module dtype. ``bf16``/``fp16`` keep fp32 master weights and optimizer state.
+
+    ``grad_accum_dtype``: ``param`` keeps gradients in the module dtype (the ZeRO paper's 2 bytes
+    per element, what the memory formula assumes); ``fp32`` accumulates them in fp32 (more
+    accurate over many micro steps, 2 more bytes per gradient element).
+    """
+
+    _section: ClassVar[str] = "precision"
+    dtype: Precision = "fp32"
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    grad_accum_dtype: Literal["param", "fp32"] = "param"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroConfig(_Section):
+    """ZeRO stage and its buffers (sizes count elements)."""
+
+    _section: ClassVar[str] = "zero"
+    stage: Literal[0, 1, 2, 3] = 0
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    prefetch: int = 2  # stage 3: modules gathered ahead of use
+    param_persistence_threshold: int = 100_000  # stage 3: smaller modules stay whole
+    # Reserved for the offload issue; setting them is rejected by the engine for now.
+    offload_optimizer: dict[str, Any] | None = None
+    offload_param: dict[str, Any] | None = None
+
+    def _check(self) -> None:
+        self._positive("reduce_bucket_size", "allgather_bucket_size")
+        self._positive("prefetch", "param_persistence_threshold", allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig(_Section):
+    """Where and how often to save. ``dir`` is a URL (local path, ``file://``, ``s3://``...).
+
+    ``async`` (YAML key; the field is ``async_save``) writes in a background thread from a host
+    copy; ``resume`` is ``auto`` (latest under ``dir`` if any), ``never``, or a checkpoint URL.
+    """
+
+    _section: ClassVar[str] = "checkpoint"
+    dir: str | None = None
+    every: int = 0  # steps; 0 = only when asked
+    keep_last: int = 0  # 0 = keep all
+    async_save: bool = False
+    resume: str = "auto"
+
+    def _check(self) -> None:
+        self._positive("every", "keep_last", allow_zero=True)
+        if not self.resume:
+            raise ConfigError("checkpoint.resume: expected 'auto', 'never' or a checkpoint URL")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistConfig(_Section):
+    """Process group: ``auto`` picks NCCL on CUDA, gloo otherwise. ``timeout_s`` bounds every
+    collective so a hung peer fails the job instead of stalling it."""
+
+    _section: ClassVar[str] = "dist"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: float = 300.0
+
+    def _check(self) -> None:
+        self._positive("timeout_s")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ConfigError("dist.backend: nccl needs dist.device 'cuda' or 'auto', got 'cpu'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZshardConfig(_Section):
+    """The whole training configuration. ``grad_clip`` is the max global gradient norm (0: off)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    grad_clip: float = 0.0
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def _check(self) -> None:
+        self._positive("grad_clip", allow_zero=True)
+        if math.isnan(self.grad_clip):
+            raise ConfigError("grad_clip: expected a number >= 0, got nan")
+
+    @property
+    def total_steps(self) -> int:
+        return self.scheduler.total_steps or self.train.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML types; ``load_config(cfg.to_dict())`` gives an equal config."""
+        out: dict[str, Any] = _to_plain(self)
+        return out
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+# YAML keys that differ from field names (``async`` is a Python keyword).
+_ALIASES: dict[type, dict[str, str]] = {CheckpointConfig: {"async": "async_save"}}
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        back = {v: k for k, v in _ALIASES.get(type(obj), {}).items()}
+        return {
+            back.get(f.name, f.name): _to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+        }
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _build(cls: type[_Section], data: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if cls is PrecisionConfig and isinstance(data, str):
+        data = {"dtype": data}  # shorthand: `precision: bf16`
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    aliases = _ALIASES.get(cls, {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = aliases.get(raw_key, raw_key)
+        dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if key not in fields:
+            shown = {v: k for k, v in aliases.items()}
+            allowed = sorted(shown.get(name, name) for name in fields)
+            raise ConfigError(f"{dotted}: unknown key; expected one of {', '.join(allowed)}")
+        hint = hints[key]
+        if isinstance(hint, type) and issubclass(hint, _Section):
+            kwargs[key] = _build(hint, value, dotted)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - fields are checked above
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _set_dotted(tree: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected 'dotted.key=value'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from None
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part == "precision":
+            child = {"dtype": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | ZshardConfig | None = None,
+    overrides: Sequence[str] = (),
+) -> ZshardConfig:
+    """Build a validated :class:`ZshardConfig`.
+
+    Args:
+        source: a YAML file path, a nested dict, a config, or None for the defaults.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars
+            (``zero.stage=3``, ``optimizer.betas=[0.9,0.95]``, ``checkpoint.dir=s3://b/run``).
+    """
+    if source is None:
+        tree: dict[str, Any] = {}
+    elif isinstance(source, ZshardConfig):
+        tree = source.to_dict()
+    elif isinstance(source, Mapping):
+        tree = _to_plain(dict(source))
+    else:
+        path = os.fspath(source)
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
+        tree = loaded
+    for override in overrides:
+        _set_dotted(tree, override)
+    cfg: ZshardConfig = _build(ZshardConfig, tree, "")
+    return cfg

@@ -1,0 +1,467 @@
+"""The ZeRO training engine: ``initialize(model, config)`` wraps a model for stages 0-3.
+
+Run it like DeepSpeed, with no change to model code::
+
+    engine = initialize(model, {"zero": {"stage": 2}, "precision": "bf16"})
+    for batch in loader:                        # one micro batch per call
+        loss = engine(batch["x"], batch["y"])   # whatever the model returns
+        engine.backward(loss)
+        engine.step()                           # steps at the end of each accumulation window
+
+What each stage keeps per rank (N ranks, see DESIGN.md and _flat.FlatParamGroup):
+
+    stage 0  full params, full grads, full master + optimizer state  (all-reduce at window end)
+    stage 1  full params, full grads, master + state partition       (reduce-scatter at window end)
+    stage 2  full params, grad partition, master + state partition   (bucketed, during backward)
+    stage 3  param/grad/master/state partitions                      (gather per module, _stage3)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zshard.errors import ConfigError, InvalidArgumentError
+from zshard.train import _build
+from zshard.train._comm import Comm, resolve_device
+from zshard.train._flat import FlatBufferGroup, FlatParamGroup, Member, numel_bytes
+from zshard.train._reduce import BucketReducer, GradSink, WindowReducer
+from zshard.train._stage3 import Stage3
+from zshard.train.config import ZshardConfig, load_config
+from zshard.train.optim import FlatOptimizer, build_optimizer
+from zshard.train.precision import LossScaler, module_dtype
+from zshard.train.schedule import lr_at
+
+log = logging.getLogger("zshard.train")
+
+ConfigSource = ZshardConfig | Mapping[str, Any] | str | Path | None
+
+
+def initialize(
+    model: nn.Module | None = None,
+    config: ConfigSource = None,
+    model_factory: Callable[[], nn.Module] | None = None,
+) -> Engine:
+    """Wrap ``model`` (or build one with ``model_factory``) in a ZeRO :class:`Engine`.
+
+    Args:
+        model: a model built the same way on every rank (rank 0's values are broadcast).
+        config: a :class:`ZshardConfig`, a dict, or a YAML path.
+        model_factory: builds the model instead; at stage 3 it is called on the ``meta`` device
+            and materialised one module at a time, so no rank ever holds the whole model.
+            Values are drawn from the RNG seeded with ``train.seed`` (the same on every rank).
+    """
+    cfg = config if isinstance(config, ZshardConfig) else load_config(config)
+    return Engine(model, cfg, model_factory=model_factory)
+
+
+class Engine:
+    """A model plus its partitioned training state. See :func:`initialize`."""
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        config: ZshardConfig,
+        *,
+        model_factory: Callable[[], nn.Module] | None = None,
+    ) -> None:
+        cfg = self.config = config
+        if cfg.zero.offload_optimizer is not None or cfg.zero.offload_param is not None:
+            raise ConfigError(
+                "zero.offload_optimizer / zero.offload_param: offload is not implemented yet"
+            )
+        if (model is None) == (model_factory is None):
+            raise InvalidArgumentError("initialize: give exactly one of model and model_factory")
+        self.device = resolve_device(cfg.dist)
+        self.comm = Comm.from_env(cfg.dist, self.device)
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.stage = cfg.zero.stage
+        self.micro_batch_size, self.grad_accum, self.global_batch_size = cfg.train.resolve_batch(
+            self.world_size
+        )
+        self.dtype = module_dtype(cfg.precision.dtype)
+        self.mixed = self.dtype != torch.float32
+        self.grad_dtype = torch.float32 if cfg.precision.grad_accum_dtype == "fp32" else self.dtype
+        self.optimizer: FlatOptimizer = build_optimizer(cfg.optimizer)
+        self.scaler = LossScaler(cfg.precision.loss_scale, enabled=cfg.precision.dtype == "fp16")
+        self.global_step = 0  # accumulation windows completed (overflow-skipped ones included)
+        self.micro_steps = 0  # backward() calls
+        self._window_micro = 0  # backward() calls in the current accumulation window
+        self.optimizer_steps = 0  # updates applied: Adam's step and the LR schedule's clock
+        self.skipped_steps = 0
+        self.grad_norm: float | None = None  # global norm of the last window's gradients
+        self.last_save_stall_s = 0.0
+        self._saver: Any = None  # checkpoint.AsyncSaver, created on first async save
+
+        if model_factory is not None:
+            model = _build.build_model(
+                model_factory, seed=cfg.train.seed, device=self.device, meta=self.stage == 3
+            )
+        assert model is not None
+        self.module = model
+        self.param_names, self.ties = _build.canonical_parameters(model)
+        if self.stage == 3:
+            with _build.seeded(cfg.train.seed, self.device):
+                self.groups = _build.build_partitioned(
+                    model,
+                    comm=self.comm,
+                    dtype=self.dtype,
+                    device=self.device,
+                    mixed=self.mixed,
+                    persistence_threshold=cfg.zero.param_persistence_threshold,
+                )
+        else:
+            self.groups = _build.build_replicated(
+                self.param_names,
+                stage=self.stage,
+                comm=self.comm,
+                dtype=self.dtype,
+                device=self.device,
+                mixed=self.mixed,
+            )
+        self.param_names, _ = _build.canonical_parameters(model)  # materialising made new objects
+        _build.prepare_buffers(
+            model, comm=self.comm, dtype=self.dtype, device=self.device, mixed=self.mixed
+        )
+        self.buffer_groups: list[FlatBufferGroup] = _build.buffer_groups(model, self.comm)
+        self._allocate_state()
+
+        self._stage3: Stage3 | None = None
+        self._sink: GradSink
+        if self.stage == 3:
+            self._stage3 = Stage3(model, self.groups, self.comm, self.device, cfg.zero.prefetch)
+            self._stage3.install()
+            self._sink = self._stage3
+        elif self.stage == 2:
+            self._sink = BucketReducer(self.groups, self.comm, cfg.zero.reduce_bucket_size)
+        else:
+            self._sink = WindowReducer(
+                self.groups, self.comm, self.stage, cfg.zero.reduce_bucket_size
+            )
+        self._hook_handles = []
+        self._member_of: dict[int, tuple[FlatParamGroup, Member]] = {}
+        for g in self.groups:
+            for m in g.members:
+                self._member_of[id(m.param)] = (g, m)
+                if g.trainable:
+                    self._hook_handles.append(
+                        m.param.register_post_accumulate_grad_hook(self._on_grad)
+                    )
+        log.info(
+            "zero stage %d, %s, rank %d/%d: %d flat groups, %d parameters",
+            self.stage,
+            cfg.precision.dtype,
+            self.rank,
+            self.world_size,
+            len(self.groups),
+            sum(g.numel for g in self.groups),
+        )
+
+    def _allocate_state(self) -> None:
+        for g in self.groups:
+            if not g.trainable:
+                continue
+            assert g.master is not None
+            for key in self.optimizer.state_keys:
+                g.state[key] = torch.zeros_like(g.master, dtype=torch.float32)
+            # Stages 0-1 accumulate whole gradients over the window; 2-3 only the partition.
+            n = g.padded_numel if self.stage < 2 else g.partition_numel
+            g.grad = torch.zeros(n, dtype=self.grad_dtype, device=self.device)
+
+    # -- forward / backward / step -------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._prepare_inputs((args, kwargs))
+        out = self.module(*args, **kwargs)
+        if self._stage3 is not None and not torch.is_grad_enabled():
+            self._stage3.release_all()  # no backward follows: drop prefetched groups now
+        return out
+
+    forward = __call__
+
+    def _prepare_inputs(self, obj: Any) -> Any:
+        """Move tensors to the engine's device; floating ones to the module dtype."""
+        if isinstance(obj, torch.Tensor):
+            dtype = self.dtype if (self.mixed and obj.is_floating_point()) else obj.dtype
+            return obj.to(device=self.device, dtype=dtype)
+        if isinstance(obj, tuple):
+            return tuple(self._prepare_inputs(x) for x in obj)
+        if isinstance(obj, list):
+            return [self._prepare_inputs(x) for x in obj]
+        if isinstance(obj, dict):
+            return {k: self._prepare_inputs(v) for k, v in obj.items()}
+        return obj
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        param.grad = None  # the flat group's storage now holds it
+        g, m = self._member_of[id(param)]
+        self._sink.on_grad(g, m, grad)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate one micro batch's loss (averaged over the window and, fp16, scaled).
+
+        Call it ``grad_accum`` times per window, with or without ``step()`` in between.
+        """
+        if self._window_micro >= self.grad_accum:
+            raise InvalidArgumentError(
+                f"backward(): the accumulation window already has its {self.grad_accum} micro "
+                "batches; call step() before the next backward()"
+            )
+        self._window_micro += 1
+        self.micro_steps += 1
+        (loss.float() * (self.scaler.scale / self.grad_accum)).backward()
+        self._sink.finish_backward(self._window_micro == self.grad_accum)
+
+    def step(self) -> bool:
+        """At the end of an accumulation window, update the weights (True if it did; False
+        mid-window or when an fp16 overflow skipped the update)."""
+        if self._window_micro < self.grad_accum:
+            return False
+        self._window_micro = 0
+        self.global_step += 1
+        stepped = self._update()
+        self.zero_grad()
+        return stepped
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            if g.grad is not None:
+                g.grad.zero_()
+        for _, p in self.param_names:
+            p.grad = None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next update."""
+        cfg = self.config
+        return lr_at(self.optimizer_steps, cfg.optimizer.lr, cfg.scheduler, cfg.total_steps)
+
+    def _update(self) -> bool:
+        trainable = [g for g in self.groups if g.trainable]
+        # One all-reduce gives both the global norm and, for fp16, the overflow verdict.
+        sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in trainable:
+            sumsq += torch.linalg.vector_norm(g.grad_for_norm(), dtype=torch.float32) ** 2
+        total = float(self.comm.all_reduce(sumsq).item())
+        if self.scaler.enabled and not math.isfinite(total):
+            self.scaler.update(overflow=True)
+            self.skipped_steps += 1
+            log.info(
+                "step %d: gradient overflow, skipped; loss scale now %g",
+                self.global_step,
+                self.scaler.scale,
+            )
+            return False
+        unscale = 1.0 / (self.world_size * self.scaler.scale)  # sums over ranks -> mean, unscaled
+        self.grad_norm = math.sqrt(total) * unscale
+        clip = self.config.grad_clip
+        coef = min(1.0, clip / (self.grad_norm + 1e-6)) if clip > 0 else 1.0  # torch's rule
+        lr = self.lr
+        self.optimizer_steps += 1
+        for g in trainable:
+            grad = g.grad_for_update()
+            grad = (
+                grad.mul_(unscale * coef)
+                if grad.dtype == torch.float32
+                else grad.float().mul_(unscale * coef)
+            )
+            assert g.master is not None
+            self.optimizer.update(g.master, grad, g.state, step=self.optimizer_steps, lr=lr)
+            self._write_back(g)
+        if self._stage3 is not None:
+            self._stage3.refresh_persistent()
+        self.scaler.update(overflow=False)
+        return True
+
+    def _write_back(self, g: FlatParamGroup) -> None:
+        """Module dtype partition <- master, then (stages 1-2) every rank's partition to all."""
+        assert g.master is not None and g.param_part is not None
+        if not g.master_is_param:
+            (g.flat if self.stage == 0 else g.param_part).copy_(g.master)  # type: ignore[union-attr]
+        if self.stage in (1, 2) and self.comm.distributed:
+            assert g.flat is not None
+            n, p = self.world_size, g.partition_numel
+            columns = max(1, self.config.zero.allgather_bucket_size // n)
+            by_rank = g.flat.view(n, p)
+            for a in range(0, p, columns):
+                b = min(p, a + columns)
+                out = torch.empty(n * (b - a), dtype=g.dtype, device=self.device)
+                self.comm.all_gather(out, g.param_part[a:b])
+                by_rank[:, a:b].copy_(out.view(n, b - a))
+
+    # -- parameters as a whole -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def gathered_parameters(self, modifier_rank: int | None = 0) -> Iterator[nn.Module]:
+        """Full parameters in ``engine.module`` for inspection or editing (stage 3 gathers them;
+        other stages hold them already). On exit, edits made on ``modifier_rank`` (every rank's
+        own edits if None) are written back to the partitions and to the fp32 master."""
+        s3 = self._stage3
+        if s3 is not None:
+            s3.hold_all = True
+            for g in self.groups:
+                s3.gather(g)
+        before = {}
+        if self.stage < 3:
+            for g in self.groups:
+                if g.trainable and not g.master_is_param:
+                    lo, hi = g.update_range
+                    before[g.name] = g.flat[lo:hi].clone()  # type: ignore[index]
+        ok = False
+        try:
+            yield self.module
+            ok = True
+        finally:
+            if ok:
+                self._write_back_edits(before, modifier_rank)
+            if s3 is not None:
+                s3.hold_all = False
+                s3.release_all()
+
+    def _write_back_edits(self, before: dict[str, torch.Tensor], modifier_rank: int | None) -> None:
+        for g in self.groups:
+            assert g.flat is not None and g.param_part is not None
+            if modifier_rank is not None:
+                self.comm.broadcast(g.flat, modifier_rank)
+            if self.stage == 3:
+                lo, hi = g.partition_range
+                old, new = g.param_part.clone(), g.flat[lo:hi]
+                g.param_part.copy_(new)
+            elif g.name in before:
+                lo, hi = g.update_range
+                old, new = before[g.name], g.flat[lo:hi]
+            else:
+                continue
+            if g.trainable and not g.master_is_param:
+                # Only edited elements replace the master: the rest keep their fp32 bits.
+                assert g.master is not None
+                changed = new != old
+                g.master[changed] = new[changed].float()
+
+    # -- accounting and checkpoint access --------------------------------------------------------
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of model state this rank holds, by category (tensor accounting)."""
+        params = grads = master = optim = 0
+        for g in self.groups:
+            params += numel_bytes(g.flat) + (numel_bytes(g.param_part) if self.stage == 3 else 0)
+            grads += numel_bytes(g.grad)
+            master += 0 if g.master_is_param else numel_bytes(g.master)
+            optim += sum(numel_bytes(t) for t in g.state.values())
+        buffers = sum(numel_bytes(b) for b in self.module.buffers())
+        return {
+            "params": params,
+            "grads": grads,
+            "master": master,
+            "optimizer": optim,
+            "total": params + grads + master + optim,
+            "buffers": buffers,
+        }
+
+    def state_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+        """This rank's partition (P,) of every (flat group, state kind): exactly its shards."""
+        out: dict[tuple[str, str], torch.Tensor] = {}
+        for g in self.groups:
+            assert g.param_part is not None
+            out[(g.name, "param")] = g.param_part
+            if not g.trainable:
+                continue
+            lo, hi = g.partition_range
+            base = g.update_range[0]
+            assert g.master is not None
+            if not g.master_is_param:
+                out[(g.name, "master")] = g.master[lo - base : hi - base]
+            for key, t in g.state.items():
+                out[(g.name, key)] = t[lo - base : hi - base]
+        for bg in self.buffer_groups:
+            out[(bg.name, "buffer")] = bg.partition()
+        return out
+
+    def train_state(self) -> dict[str, Any]:
+        """Non-tensor state for the checkpoint manifest (JSON)."""
+        return {
+            "global_step": self.global_step,
+            "micro_steps": self.micro_steps,
+            "skipped_steps": self.skipped_steps,
+            "optimizer": {
+                "name": self.optimizer.name,
+                "step": self.optimizer_steps,
+                "lr": self.lr,
+                **self.optimizer.hyperparams(),
+            },
+            "loss_scaler": self.scaler.state_dict(),
+            "scheduler": {"name": self.config.scheduler.name, "base_lr": self.config.optimizer.lr},
+        }
+
+    def load_train_state(self, state: Mapping[str, Any], *, with_optimizer: bool) -> None:
+        self.global_step = int(state.get("global_step", 0))
+        self.micro_steps = int(state.get("micro_steps", 0))
+        self._window_micro = 0
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        opt = state.get("optimizer", {})
+        self.optimizer_steps = int(opt.get("step", 0)) if with_optimizer else 0
+        self.scaler.load_state_dict(state.get("loss_scaler", {}))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, root_url: str | None = None, *, extra: Mapping[str, Any] | None = None) -> str:
+        """Save a checkpoint under ``root_url`` (default ``checkpoint.dir``); every rank writes its
+        own shards. Returns the step directory's URL. See :mod:`zshard.train.checkpoint`."""
+        from zshard.train import checkpoint
+
+        return checkpoint.save(self, root_url, extra=extra)
+
+    def load(self, url: str | None = None) -> dict[str, Any]:
+        """Load a checkpoint saved at any world size and stage; returns the saved ``extra``."""
+        from zshard.train import checkpoint
+
+        return checkpoint.load(self, url)
+
+    def maybe_save(self, *, extra: Mapping[str, Any] | None = None) -> str | None:
+        """Save if ``checkpoint.every`` divides ``global_step`` (and a directory is set)."""
+        every = self.config.checkpoint.every
+        if every and self.config.checkpoint.dir and self.global_step % every == 0:
+            return self.save(extra=extra)
+        return None
+
+    def resume(self) -> dict[str, Any] | None:
+        """Apply ``checkpoint.resume`` (``auto``/``never``/URL); the saved ``extra`` or None."""
+        from zshard.train import checkpoint
+
+        return checkpoint.resume(self)
+
+    def wait_for_save(self) -> None:
+        """Block until a pending async save has committed (re-raising its error)."""
+        if self._saver is not None:
+            self._saver.wait()
+
+    # -- conveniences --------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Engine:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> Engine:
+        return self.train(False)
+
+    def close(self, *, destroy_process_group: bool = False) -> None:
+        """Finish pending saves and remove hooks. The process group stays up for later engines
+        (re-creating one on the same port races) unless ``destroy_process_group``."""
+        self.wait_for_save()
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+        if self._stage3 is not None:
+            self._stage3.remove()
+        if destroy_process_group:
+            self.comm.close()

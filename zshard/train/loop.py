@@ -1,0 +1,219 @@
+"""The training loop every ``zshard train`` worker runs: ``python -m zshard.train.loop CONFIG``.
+
+One optimizer step = ``grad_accum`` micro batches per rank, drawn by global sample index
+(``GlobalBatchSampler``), so a run resumed at another world size trains on the same samples in
+the same steps. Rank 0 shows a progress bar and appends metrics to
+``<checkpoint.dir>/metrics.jsonl``. An error is recorded for the launcher (``ZSHARD_ERROR_DIR``)
+so it can show the failing rank's message once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zshard.errors import ZshardError
+from zshard.store.root import latest_name
+from zshard.store.storage import open_storage, translate_errors
+from zshard.train.config import ZshardConfig
+from zshard.train.data import CharDataset, GlobalBatchSampler, collate
+from zshard.train.ds_config import load_with_deepspeed
+from zshard.train.models import make_model
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def build(cfg: ZshardConfig) -> tuple[Any, Any, Any]:
+    """The model factory, the training set and the validation set (None if none)."""
+    model_args = dict(cfg.model.args)
+    if cfg.model.name == "gpt":
+        model_args.setdefault("seq_len", cfg.data.seq_len)
+        model_args.setdefault("activation_checkpointing", cfg.train.activation_checkpointing)
+    provided: list[Any] = []
+
+    def factory() -> torch.nn.Module:
+        made = make_model(cfg.model.name, **model_args)
+        provided[:] = [made.dataset]
+        return made.model
+
+    # Build once on the meta device: no memory, and it tells us whether the provider brings data.
+    with torch.device("meta"):
+        factory()
+    dataset = provided[0]
+    val = None
+    if dataset is None:
+        path = None if cfg.data.name == "builtin" else cfg.data.name
+        dataset = CharDataset(path, seq_len=cfg.data.seq_len, split="train")
+        val = CharDataset(path, seq_len=cfg.data.seq_len, split="val")
+    return factory, dataset, val
+
+
+class MetricsLog:
+    """metrics.jsonl next to the checkpoints: appended locally, rewritten whole on object stores
+    (they cannot append), so it stays a plain JSON-lines file either way."""
+
+    def __init__(self, directory: str, fresh: bool) -> None:
+        self.storage = open_storage(directory)
+        self.lines: list[str] = []
+        if not fresh and self.storage.exists(METRICS_FILE):
+            self.lines = self.storage.read(METRICS_FILE).decode().splitlines()
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record))
+        self.storage.write_atomic(METRICS_FILE, ("\n".join(self.lines) + "\n").encode())
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine: Any, val: Any, cfg: ZshardConfig, batches: int = 4) -> float:
+    """Mean validation loss over a few fixed batches, split across ranks."""
+    micro = cfg.train.resolve_batch(engine.world_size)[0]
+    n = len(val)
+    losses = []
+    for b in range(batches):
+        start = (b * engine.world_size + engine.rank) * micro
+        idx = [(start + i) % n for i in range(micro)]
+        x, y = collate(val, idx)
+        losses.append(float(engine(x.to(engine.device), y.to(engine.device)).item()))
+    return mean_across_ranks(sum(losses) / len(losses), engine.device)
+
+
+def train(cfg: ZshardConfig) -> dict[str, Any]:
+    from zshard.train import initialize
+
+    factory, dataset, val = build(cfg)
+    engine = initialize(None, cfg, model_factory=factory)
+    rank, world = engine.rank, engine.world_size
+    micro, accum, global_batch = cfg.train.resolve_batch(world)
+    sampler = GlobalBatchSampler(len(dataset), global_batch, cfg.train.seed)
+
+    ckpt_dir = cfg.checkpoint.dir
+    resume = cfg.checkpoint.resume
+    if resume == "auto" and ckpt_dir and latest_name(open_storage(ckpt_dir)) is not None:
+        engine.load(ckpt_dir)
+    elif resume not in ("auto", "never"):
+        engine.load(resume)
+    start = engine.global_step
+    log = MetricsLog(ckpt_dir, fresh=start == 0) if (rank == 0 and ckpt_dir) else None
+
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        # stdout: the launcher keeps stderr in its log and shows only a failure's root cause.
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", file=sys.stdout)
+    tokens_per_step = global_batch * cfg.data.seq_len
+    last: dict[str, Any] = {}
+    for step in range(start, cfg.train.steps):
+        t0 = time.perf_counter()
+        total = 0.0
+        for a in range(accum):
+            x, y = collate(dataset, sampler.micro_batch(step, rank, world, micro, a))
+            loss = engine(x.to(engine.device), y.to(engine.device))
+            engine.backward(loss)
+            total += float(loss.detach().float().item())
+        engine.step()
+        loss_mean = mean_across_ranks(total / accum, engine.device)
+        dt = time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "loss": loss_mean,
+            "lr": engine.lr,
+            "tokens_per_s": tokens_per_step / dt,
+            "step_time_s": dt,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        every = cfg.train.eval_every
+        if val is not None and every and (step + 1) % every == 0:
+            record["val_loss"] = evaluate(engine, val, cfg)
+        if not math.isfinite(loss_mean):
+            raise ZshardError(f"step {step + 1}: loss is {loss_mean}; lower optimizer.lr")
+        last = record
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{loss_mean:.4f}",
+                lr=f"{engine.lr:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            bar.update(1)
+        log_every = max(1, cfg.train.log_every)
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == cfg.train.steps):
+            log.append(record)
+        if ckpt_dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+            engine.save(ckpt_dir)
+    if (
+        ckpt_dir
+        and engine.global_step > start
+        and (not cfg.checkpoint.every or engine.global_step % cfg.checkpoint.every)
+    ):
+        engine.save(ckpt_dir)
+    engine.close()
+    if bar is not None:
+        bar.close()
+    return last
+
+
+def record_error(exc: BaseException) -> None:
+    """Leave the failing rank's one-line error where the launcher looks for it."""
+    directory = os.environ.get("ZSHARD_ERROR_DIR")
+    if not directory:
+        return
+    rank = os.environ.get("RANK", "0")
+    info = {
+        "rank": int(rank),
+        "time": time.time(),
+        "bad_input": isinstance(exc, ZshardError),
+        "message": f"{type(exc).__name__}: {exc}" if not isinstance(exc, ZshardError) else str(exc),
+    }
+    with translate_errors(directory), open(os.path.join(directory, f"rank-{rank}.json"), "w") as f:
+        json.dump(info, f)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m zshard.train.loop")
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--deepspeed-config")
+    args = parser.parse_args(argv)
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg, _ = load_with_deepspeed(
+            args.config, args.overrides, args.deepspeed_config, world_size
+        )  # the launcher already showed the warning for settings not applied
+        train(cfg)
+    except BaseException as exc:
+        record_error(exc)
+        if isinstance(exc, ZshardError):
+            print(f"zshard: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            sys.exit(2)
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Optimizers on flat fp32 partitions, with state kept by key.
+
+Each update touches one flat partition: ``param`` (fp32 master, or the fp32 module partition),
+its gradient, and one state tensor per key (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``), all
+of the same shape. The checkpoint store saves state kinds by key (DESIGN invariant 5), so any
+optimizer whose state is elementwise fits. The arithmetic follows the single-tensor paths of
+``torch.optim.AdamW``/``Adam``/``SGD`` so results match them elementwise. The step counter is one
+scalar per optimizer (every flat group steps together) and lives in the checkpoint's JSON state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from zshard.train.config import OptimizerConfig
+
+
+class FlatOptimizer(Protocol):
+    """An elementwise optimizer over flat partitions."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """State kinds this optimizer keeps per element (zero-initialised)."""
+        ...
+
+    def update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: Mapping[str, torch.Tensor],
+        *,
+        step: int,
+        lr: float,
+    ) -> None:
+        """Update ``param`` in place. ``step`` counts updates including this one (1-based).
+
+        ``grad`` may be modified.
+        """
+        ...
+
+    def hyperparams(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam; ``decoupled=True`` is AdamW (decay applied to the weights, not the gradient)."""
+
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    decoupled: bool
+
+    @property
+    def name(self) -> str:
+        return "adamw" if self.decoupled else "adam"
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: Mapping[str, torch.Tensor],
+        *,
+        step: int,
+        lr: float,
+    ) -> None:
+        beta1, beta2 = self.betas
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if self.weight_decay:
+            if self.decoupled:
+                param.mul_(1 - lr * self.weight_decay)
+            else:
+                grad = grad.add(param, alpha=self.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {"betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
+
+
+@dataclass(frozen=True)
+class SGD:
+    """SGD with optional momentum (no dampening) and Nesterov; L2 weight decay on the gradient."""
+
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    name: str = "sgd"
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum else ()
+
+    def update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: Mapping[str, torch.Tensor],
+        *,
+        step: int,
+        lr: float,
+    ) -> None:
+        if self.weight_decay:
+            grad = grad.add(param, alpha=self.weight_decay)
+        if self.momentum:
+            buf = state["momentum_buffer"]
+            # torch starts the buffer as a copy of the first gradient; with no dampening,
+            # 0 * momentum + grad is the same thing, so a zero-initialised buffer matches.
+            buf.mul_(self.momentum).add_(grad)
+            grad = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
+        param.add_(grad, alpha=-lr)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+        }
+
+
+def build_optimizer(cfg: OptimizerConfig) -> FlatOptimizer:
+    if cfg.name == "sgd":
+        return SGD(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return Adam(
+        betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, decoupled=cfg.name == "adamw"
+    )
