@@ -93,6 +93,15 @@ class TimingSamples:
         self.cpu.add(t.cpu)
 
 
+def wait_for_idle(max_load: float, timeout: float = 600) -> float:
+    """Block until the 1-minute load average is below ``max_load`` (other tenants quiet), or
+    ``timeout`` seconds passed. Returns the seconds waited."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] >= max_load and time.monotonic() - t0 < timeout:
+        time.sleep(5)
+    return time.monotonic() - t0
+
+
 def settle(seconds: float) -> None:
     """Let background work (writeback, discards of deleted files) finish between phases."""
     if seconds > 0:
@@ -153,6 +162,22 @@ class PageCache:
 
 # ---------------------------------------------------------------------------------------------
 # Memory and child processes
+
+
+def disable_numpy_hugepages() -> bool:
+    """Stop numpy from asking for transparent huge pages for its large arrays (torch does not).
+
+    On a VM whose balloon driver returns free 2 MiB blocks to the host (free page reporting),
+    a huge page is almost always taken from a returned block and costs 512 host faults: here
+    up to 2-3 s per GiB, more than the disk. Whether a load hits that depended on which library
+    allocated its output (numpy madvises huge pages, torch does not) and on what ran just
+    before, not on its I/O. With this off, every method gets ordinary 4 KiB pages.
+    """
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        with contextlib.suppress(ImportError, AttributeError):
+            __import__(mod, fromlist=["_set_madvise_hugepage"])._set_madvise_hugepage(False)
+            return True
+    return False
 
 
 def _status_kib(field: str) -> int:
@@ -280,6 +305,27 @@ def _disk_of(path: str) -> str:
     if name.startswith("vd"):
         kind = f"virtio block device, reports {kind}" if kind else "virtio block device"
     return ", ".join(x for x in (dev, fstype, kind) if x) or "unknown"
+
+
+def git_revision(path: str, *under: str) -> str:
+    """The code a benchmark measured: ``<short commit>``, plus the tracked files (under the
+    ``under`` paths, relative to the repository root) that differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", path, *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        top = git("rev-parse", "--show-toplevel")
+        changed = git("-C", top, "diff", "--name-only", "HEAD", "--", *(under or ["."])).split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    if not changed:
+        return rev
+    shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    return f"{rev} with uncommitted changes to {shown}"
 
 
 def machine_info(scratch: str) -> dict[str, str]:
