@@ -56,33 +56,57 @@ def _nbytes(reader: Any) -> int:
     return sum(t.nbytes for t in reader.manifest.tensors)
 
 
+TrustPickle = Annotated[
+    bool,
+    typer.Option(
+        help="Allow full unpickling of DeepSpeed/DCP files that a weights-only load refuses "
+        "(can run code from the file: only for checkpoints you trust)."
+    ),
+]
+Tag = Annotated[
+    str | None, typer.Option(help="DeepSpeed tag to read (default: the one in 'latest').")
+]
+
+
 @app.command("import")
 def import_(
     src: Annotated[
         str,
         typer.Argument(
-            help="A .safetensors file or a directory with model.safetensors.index.json."
+            help="A .safetensors file, a directory with model.safetensors.index.json, a "
+            "DeepSpeed checkpoint (save or tag directory) or a torch.distributed.checkpoint "
+            "directory (auto-detected)."
         ),
     ],
     ckpt_root: Annotated[str, typer.Argument(help="Checkpoint root to write into (path or URL).")],
     world_size: Annotated[
         int, typer.Option("--world-size", "-n", help="Ranks to lay the checkpoint out for.")
     ],
-    stage: Annotated[int, typer.Option(help="ZeRO stage recorded in the layout (0-3).")] = 1,
+    stage: Annotated[
+        int | None,
+        typer.Option(help="ZeRO stage recorded in the layout (0-3; default: DeepSpeed's, else 1)."),
+    ] = None,
+    tag: Tag = None,
+    trust_pickle: TrustPickle = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Import safetensors weights as a committed checkpoint (state kind `param`)."""
-    from zshard.convert.importer import find_sources, import_safetensors
+    """Import weights (state kind `param`) or DeepSpeed/DCP training state (fp32 `master`,
+    optimizer state, step counters) as a committed checkpoint."""
+    from zshard.convert.importer import import_source
+    from zshard.convert.sources import open_source
 
-    sources, _ = find_sources(src)
-    total = sum(s.entry.end - s.entry.begin for s in sources)
+    source = open_source(src, tag=tag, trust_pickle=trust_pickle)
+    total = sum(t.nbytes for t in source.tensors)
+    if stage is None:
+        stage = int(getattr(source, "zero_stage", 1))
     with progress_bar(total, "import", quiet) as tick:
-        ref = import_safetensors(
-            src, ckpt_root, world_size, stage, overwrite=overwrite, progress=tick
+        ref = import_source(
+            source, ckpt_root, world_size, stage, overwrite=overwrite, progress=tick
         )
     typer.echo(
-        f"imported {len(sources)} tensors ({total} bytes) into {ref.url} for {world_size} ranks"
+        f"imported {len(source.tensors)} tensors ({total} bytes, {source.format}) into "
+        f"{ref.url} for {world_size} ranks"
     )
 
 
@@ -175,7 +199,13 @@ def reshard(
 
 @app.command()
 def consolidate(
-    ckpt: Annotated[str, typer.Argument(help="Checkpoint root (uses latest) or step directory.")],
+    ckpt: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint root (uses latest) or step directory, or a DeepSpeed or "
+            "torch.distributed.checkpoint directory (auto-detected)."
+        ),
+    ],
     out: Annotated[
         str, typer.Argument(help="OUT.safetensors for one file, else a directory of shards.")
     ],
@@ -188,16 +218,17 @@ def consolidate(
     include_optimizer: Annotated[
         bool, typer.Option(help="Also write optimizer state as optimizer.<kind>.<name>.")
     ] = False,
+    tag: Tag = None,
+    trust_pickle: TrustPickle = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Write consolidated safetensors weights (fp32 master weights where present)."""
     from zshard.convert.consolidate import consolidate as run_consolidate
-    from zshard.convert.consolidate import select
-    from zshard.store.reader import CheckpointReader
+    from zshard.convert.consolidate import open_checkpoint, select
 
-    reader = CheckpointReader.open(ckpt)
-    total = sum(t.nbytes for t in select(reader, dtype, include_optimizer))
+    source = open_checkpoint(ckpt, tag=tag, trust_pickle=trust_pickle)
+    total = sum(t.nbytes for t in select(source, dtype, include_optimizer))
     with progress_bar(total, "consolidate", quiet) as tick:
         files = run_consolidate(
             ckpt,
@@ -207,6 +238,7 @@ def consolidate(
             include_optimizer=include_optimizer,
             overwrite=overwrite,
             progress=tick,
+            source=source,
         )
     typer.echo(f"wrote {total} bytes to {out} ({len(files)} file(s))")
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from zshard.errors import ConfigError
-from zshard.train.config import load_config
+from zshard.train.config import OffloadOptimizerConfig, OffloadParamConfig, load_config
 from zshard.train.ds_config import (
     apply_deepspeed,
     from_deepspeed,
@@ -168,7 +168,8 @@ def test_zero3_offload_example() -> None:
     assert z.stage == 3 and z.reduce_bucket_size == 10_000_000
     assert z.param_persistence_threshold == 100_000
     assert z.prefetch == 5  # 1e7 elements ahead = 5 modules of 2M parameters
-    assert z.offload_optimizer == {"device": "cpu"} and z.offload_param == {"device": "cpu"}
+    assert z.offload_optimizer == OffloadOptimizerConfig(device="cpu")
+    assert z.offload_param == OffloadParamConfig(device="cpu")
     assert sorted(ignored) == [
         "zero_optimization.stage3_max_live_parameters",
         "zero_optimization.stage3_max_reuse_distance",
@@ -180,17 +181,12 @@ def test_zero3_offload_example() -> None:
 
 def test_nvme_offload_passes_through() -> None:
     cfg, ignored = mapped(NVME)
-    assert cfg.zero.offload_param == {
-        "device": "nvme",
-        "path": "/local_nvme",
-        "pin_memory": True,
-        "buffer_count": 5,
-    }
-    assert cfg.zero.offload_optimizer == {
-        "device": "nvme",
-        "path": "/local_nvme",
-        "buffer_count": 4,
-    }
+    assert cfg.zero.offload_param == OffloadParamConfig(
+        device="nvme", path="/local_nvme", pin_memory=True, buffer_count=5
+    )
+    assert cfg.zero.offload_optimizer == OffloadOptimizerConfig(
+        device="nvme", path="/local_nvme", buffer_count=4
+    )
     assert ignored == [
         "zero_optimization.offload_param.buffer_size",
         "zero_optimization.offload_param.max_in_cpu",

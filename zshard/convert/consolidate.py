@@ -1,5 +1,8 @@
 """``zshard consolidate``: a checkpoint -> safetensors weights, streaming in bounded memory.
 
+The checkpoint is a zshard checkpoint, or a DeepSpeed ZeRO or torch.distributed.checkpoint
+directory (auto-detected, read through :mod:`zshard.convert.sources`).
+
 Takes each tensor's fp32 ``master`` weights where the checkpoint has them and ``param``
 otherwise, casts floating tensors to the requested dtype window by window, and writes either one
 ``.safetensors`` file or a Hugging Face-style directory of shards with an index. Peak memory is
@@ -16,12 +19,15 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from zshard.convert.importer import INDEX_NAME, TIES_METADATA_KEY
 from zshard.convert.safetensors_io import SafetensorsWriter
+from zshard.convert.sources import SourceTensor, TensorSource, detect, open_source
 from zshard.errors import InvalidArgumentError, OutputExistsError, ZshardError
 from zshard.store import dtypes
-from zshard.store.manifest import TensorEntry
 from zshard.store.reader import CheckpointReader, to_numpy, to_torch
 from zshard.store.root import parent_url
 from zshard.store.storage import LocalStorage, Storage, open_storage
@@ -42,10 +48,42 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+class ZshardSource:
+    """A committed zshard checkpoint seen as a :class:`TensorSource`."""
+
+    format = "zshard"
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        m = reader.manifest
+        self.reader = reader
+        self.url = reader.url
+        self.tensors = [SourceTensor(t.name, t.kind, t.shape, t.dtype) for t in m.tensors]
+        self.ties = dict(m.ties)
+        self.step = m.step
+        self.state: dict[str, Any] = dict(m.state)
+
+    def read(self, t: SourceTensor, start: int, stop: int) -> np.ndarray:
+        return self.reader.read(t.name, t.kind, start, stop)
+
+
+def open_checkpoint(
+    ckpt: str, *, tag: str | None = None, trust_pickle: bool = False
+) -> TensorSource:
+    """A zshard checkpoint (root or step directory), or a DeepSpeed or DCP directory."""
+    fmt = None
+    with contextlib.suppress(ZshardError):
+        fmt = detect(ckpt)
+    if fmt in ("deepspeed", "dcp"):
+        return open_source(ckpt, tag=tag, trust_pickle=trust_pickle)
+    if tag is not None:
+        raise InvalidArgumentError(f"{ckpt}: --tag applies to DeepSpeed checkpoints only")
+    return ZshardSource(CheckpointReader.open(ckpt))
+
+
 @dataclass(frozen=True)
 class OutputTensor:
     name: str  # name in the output file
-    source: TensorEntry
+    source: SourceTensor
     dtype: str  # output logical dtype
 
     @property
@@ -53,16 +91,15 @@ class OutputTensor:
         return self.source.numel * dtypes.dtype(self.dtype).itemsize
 
 
-def select(reader: CheckpointReader, dtype: str, include_optimizer: bool) -> list[OutputTensor]:
+def select(source: TensorSource, dtype: str, include_optimizer: bool) -> list[OutputTensor]:
     """The tensors to write: master over param, buffers, optionally optimizer state."""
     if dtype not in DTYPE_CHOICES:
         raise InvalidArgumentError(
             f"unknown --dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}"
         )
     target = None if dtype == "keep" else dtypes.dtype(dtype).name
-    m = reader.manifest
-    by_name: dict[str, dict[str, TensorEntry]] = {}
-    for t in m.tensors:
+    by_name: dict[str, dict[str, SourceTensor]] = {}
+    for t in source.tensors:
         by_name.setdefault(t.name, {})[t.kind] = t
     out: list[OutputTensor] = []
     for name, kinds in by_name.items():
@@ -106,18 +143,25 @@ def consolidate(
     include_optimizer: bool = False,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    tag: str | None = None,
+    trust_pickle: bool = False,
+    source: TensorSource | None = None,
 ) -> list[str]:
-    """Write consolidated weights to ``out``; returns the files written."""
+    """Write consolidated weights to ``out``; returns the files written.
+
+    ``source`` is ``ckpt`` already opened by :func:`open_checkpoint` (the CLI opens it once to
+    size the progress bar).
+    """
     max_bytes = parse_size(max_shard_size)
-    reader = CheckpointReader.open(ckpt)
+    reader = source or open_checkpoint(ckpt, tag=tag, trust_pickle=trust_pickle)
     tensors = select(reader, dtype, include_optimizer)
     parent, name = parent_url(out)
     dest_parent = open_storage(parent)
     if dest_parent.exists(name) and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     metadata = {"format": "pt"}
-    if reader.manifest.ties:
-        metadata[TIES_METADATA_KEY] = json.dumps(reader.manifest.ties, sort_keys=True)
+    if reader.ties:
+        metadata[TIES_METADATA_KEY] = json.dumps(reader.ties, sort_keys=True)
     total = sum(t.nbytes for t in tensors)
     if out.endswith(".safetensors"):
         if total > max_bytes:
@@ -131,7 +175,7 @@ def consolidate(
 
 
 def _write_file(
-    reader: CheckpointReader,
+    reader: TensorSource,
     storage: Storage,
     key: str,
     tensors: list[OutputTensor],
@@ -151,7 +195,7 @@ def _write_file(
 
 
 def _stream_tensor(
-    reader: CheckpointReader,
+    reader: TensorSource,
     t: OutputTensor,
     w: SafetensorsWriter,
     progress: Callable[[int], None] | None,
@@ -160,7 +204,7 @@ def _stream_tensor(
     window = max(1, WINDOW_BYTES // max(src.itemsize, dtypes.dtype(t.dtype).itemsize))
     for lo in range(0, t.source.numel, window):
         hi = min(lo + window, t.source.numel)
-        data = reader.read(t.source.name, t.source.kind, lo, hi)
+        data = reader.read(t.source, lo, hi)
         if t.dtype != t.source.dtype:
             # torch casts round to nearest even, including to bfloat16 (numpy has no bfloat16).
             data = to_numpy(
@@ -172,7 +216,7 @@ def _stream_tensor(
 
 
 def _write_dir(
-    reader: CheckpointReader,
+    reader: TensorSource,
     parent: Storage,
     name: str,
     tensors: list[OutputTensor],

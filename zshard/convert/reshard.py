@@ -8,13 +8,12 @@ ranged reads of the old one in bounded windows: peak memory is one window, whate
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
 
-from zshard.errors import InvalidArgumentError, ZshardError
+from zshard.errors import InvalidArgumentError
 from zshard.store import dtypes
 from zshard.store.layout import FlatGroup, Fragment, Layout, pack
 from zshard.store.manifest import ArrayEntry, Manifest, TensorEntry
@@ -113,8 +112,7 @@ def reshard(
         state["resharded_from"] = {"world_size": m.layout.world_size, "stage": m.layout.stage}
         writer.commit(state, rank_state=bool(m.rank_state))
     except BaseException:
-        with contextlib.suppress(ZshardError):
-            writer.dir.remove_tree("")
+        writer.abort()  # remove the partial output and release the root lock taken by prepare()
         raise
     return CheckpointRef(root, name)
 

@@ -183,6 +183,8 @@ class Manifest:
         if p.get(obj, "format", str) != FORMAT_NAME:
             raise ManifestError(f"{where}: not a zshard checkpoint manifest")
         version = p.get(obj, "format_version", int)
+        if version < 1:  # no zshard ever wrote one: an edited or foreign manifest
+            raise ManifestError(f"{where}: format_version must be >= 1, got {version}")
         if version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where}: format version {version} is newer than this zshard reads "

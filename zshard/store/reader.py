@@ -7,17 +7,23 @@ Opening a checkpoint parses JSON only: nothing is ever unpickled (DESIGN invaria
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from zshard.errors import CheckpointNotFoundError, CorruptDataError, InvalidArgumentError
+from zshard.errors import (
+    CheckpointNotFoundError,
+    CorruptDataError,
+    InvalidArgumentError,
+    ZshardError,
+)
 from zshard.store import dtypes
 from zshard.store.layout import intersect
-from zshard.store.manifest import MANIFEST_KEY, Manifest, TensorEntry
+from zshard.store.manifest import MANIFEST_KEY, ArrayEntry, Manifest, TensorEntry
 from zshard.store.root import CheckpointRef, resolve
-from zshard.store.shard import read_shard_range, shard_key
+from zshard.store.shard import ChunkCache, array_metadata, read_shard_range, shard_key
 from zshard.store.storage import Storage, open_storage
 from zshard.store.writer import rank_state_key, unframe_json
 
@@ -28,6 +34,8 @@ class CheckpointReader:
         self.manifest = manifest
         self.dir = storage
         self._index_checked: set[str] = set()
+        self._chunks = ChunkCache()
+        self._arrays_checked: set[str] = set()
         self._by_key = {(t.name, t.kind): t for t in manifest.tensors}
 
     @classmethod
@@ -75,7 +83,9 @@ class CheckpointReader:
         dt = dtypes.dtype(t.dtype)
         for piece in intersect(t.fragments, start, start + out.size):
             g = m.layout.group(piece.group)
-            key = shard_key(m.array(piece.group, t.kind).path, piece.rank)
+            a = m.array(piece.group, t.kind)
+            self._check_array(t, a)
+            key = shard_key(a.path, piece.rank)
             lo = piece.offset - piece.rank * g.partition_numel
             read_shard_range(
                 self.dir,
@@ -86,8 +96,35 @@ class CheckpointReader:
                 out[piece.out_offset : piece.out_offset + piece.length],
                 where=f"tensor {t.name!r} ({t.kind}) in {self.dir.url}/{key}",
                 check_index_bytes=key not in self._index_checked,
+                cache=self._chunks,
             )
             self._index_checked.add(key)
+
+    def _check_array(self, t: TensorEntry, a: ArrayEntry) -> None:
+        """The array's zarr.json must be what the manifest implies, once per array and reader.
+
+        The manifest is checksummed, but a manifest edited to lie consistently (say, float32
+        relabelled int32 in both the tensor and its array, which keeps every size and offset
+        valid) would otherwise read as a wrong tensor. zarr.json is a second, independent record
+        of each array's dtype, shape and chunking: one small read per array catches that.
+        """
+        if a.path in self._arrays_checked:
+            return
+        key = f"{a.path}/zarr.json"
+        where = f"tensor {t.name!r} ({t.kind}) in {self.dir.url}/{key}"
+        g = self.manifest.layout.group(a.group)
+        want = array_metadata(g, self.manifest.layout.world_size, dtypes.dtype(a.dtype))
+        try:
+            got = json.loads(self.dir.read(key))
+        except (ZshardError, ValueError, RecursionError) as e:
+            raise CorruptDataError(f"{where}: unreadable array metadata ({e})") from None
+        if got != want:
+            fields = sorted(k for k in want if not isinstance(got, dict) or got.get(k) != want[k])
+            raise CorruptDataError(
+                f"{where}: array metadata does not match the manifest ({', '.join(fields)}); the "
+                "checkpoint was edited or damaged: run zshard verify"
+            )
+        self._arrays_checked.add(a.path)
 
     def read_tensor(self, name: str, kind: str) -> np.ndarray:
         """A whole logical tensor, shaped, in its storage dtype (bfloat16 as uint16)."""

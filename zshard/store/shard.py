@@ -14,7 +14,11 @@ zshard additionally requires the index to be exactly this canonical one.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import uuid
 from typing import Any
 
 import crc32c
@@ -23,7 +27,13 @@ import numpy as np
 from zshard.errors import CorruptDataError, StorageError
 from zshard.store.dtypes import DType
 from zshard.store.layout import FlatGroup
-from zshard.store.storage import Storage, StreamWriter
+from zshard.store.storage import (
+    FsspecStorage,
+    LocalStorage,
+    Storage,
+    StreamWriter,
+    translate_errors,
+)
 
 CRC_NBYTES = 4
 INDEX_ENTRY_NBYTES = 16
@@ -188,6 +198,27 @@ def check_index(raw: bytes, group: FlatGroup, dt: DType, where: str) -> None:
     raise CorruptDataError(f"{where}: shard index does not match the array's chunk layout")
 
 
+class ChunkCache:
+    """The last few verified chunks that a read used only partly.
+
+    Tensors packed end to end share boundary chunks, and small tensors (norms, biases) share
+    one chunk with many neighbours; reading tensor by tensor would fetch and checksum such a
+    chunk once per tensor. Keeping it makes a sequential load read every chunk exactly once.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._chunks: dict[tuple[str, int], np.ndarray] = {}
+
+    def get(self, key: str, index: int) -> np.ndarray | None:
+        return self._chunks.get((key, index))
+
+    def put(self, key: str, index: int, chunk: np.ndarray) -> None:
+        self._chunks[(key, index)] = chunk
+        while len(self._chunks) > self.capacity:
+            self._chunks.pop(next(iter(self._chunks)))
+
+
 def read_shard_range(
     storage: Storage,
     key: str,
@@ -197,41 +228,63 @@ def read_shard_range(
     out: np.ndarray,
     where: str,
     check_index_bytes: bool = True,
+    cache: ChunkCache | None = None,
 ) -> None:
     """Fill ``out`` with shard elements ``[start, start + out.size)``, verifying every chunk read.
 
     Only the chunks that overlap the range are read, in one ranged request; whole chunks land
-    directly in ``out``. ``where`` names the tensor or array for error messages.
+    directly in ``out``. A partly used first or last chunk is served from ``cache`` when a
+    previous read kept it. ``where`` names the tensor or array for error messages.
     """
     n = out.size
     if n == 0:
         return
     c = group.chunk_numel
+    isz = dt.itemsize
     first, last = start // c, (start + n - 1) // c
+    out_bytes = out.reshape(-1).data.cast("B")
+
+    def partial_bounds(i: int) -> tuple[int, int, int] | None:
+        """(from, to) bytes within chunk ``i`` and where they go in ``out``; None if whole."""
+        lo, hi = i * c, (i + 1) * c
+        if lo >= start and hi <= start + n:
+            return None
+        a, b = max(lo, start), min(hi, start + n)
+        return (a - lo) * isz, (b - lo) * isz, (a - start) * isz
+
+    # Serve the partly used edge chunks a previous read kept; read only what remains.
+    for i in {first, last}:
+        bounds = partial_bounds(i)
+        cached = cache.get(key, i) if cache is not None and bounds else None
+        if cached is not None and bounds is not None:
+            a, b, dst = bounds
+            out_bytes[dst : dst + (b - a)] = cached.data[a:b]
+            if i == first:
+                first += 1
+            else:
+                last -= 1
     size = chunk_nbytes(group, dt)
     base = index_nbytes(group.chunks_per_shard)
-    out_bytes = out.reshape(-1).data.cast("B")
-    isz = dt.itemsize
     buffers: list[memoryview] = []
-    # (chunk view, crc view, scratch to copy from or None, copy slice bounds)
-    checks: list[tuple[memoryview, bytearray]] = []
-    partial: list[tuple[bytearray, int, int, int]] = []
+    checks: list[tuple[memoryview, bytearray]] = []  # (chunk bytes, stored crc32c)
+    partial: list[tuple[int, np.ndarray, int, int, int]] = []  # chunk, scratch, from, to, dst
     for i in range(first, last + 1):
-        lo, hi = i * c, (i + 1) * c
         crc_buf = bytearray(CRC_NBYTES)
-        if lo >= start and hi <= start + n:
-            view = out_bytes[(lo - start) * isz : (hi - start) * isz]
+        bounds = partial_bounds(i)
+        if bounds is None:
+            lo = i * c
+            view = out_bytes[(lo - start) * isz : (lo - start + c) * isz]
         else:
-            scratch = bytearray(c * isz)
-            view = memoryview(scratch)
-            a, b = max(lo, start), min(hi, start + n)
-            partial.append((scratch, (a - lo) * isz, (b - lo) * isz, (a - start) * isz))
+            scratch = np.empty(c * isz, dtype=np.uint8)  # no zero fill: the read overwrites it
+            view = scratch.data
+            partial.append((i, scratch, *bounds))
         buffers += [view, memoryview(crc_buf)]
         checks.append((view, crc_buf))
     try:
         if check_index_bytes:
             check_index(storage.read_range(key, 0, base), group, dt, where)
-        storage.readinto(key, base + first * size, buffers)
+        if buffers:
+            storage.readinto(key, base + first * size, buffers)
     except (StorageError, CorruptDataError) as e:
         raise type(e)(f"{where}: {e}") from None
     for k, (view, stored) in enumerate(checks):
@@ -239,5 +292,102 @@ def read_shard_range(
             raise CorruptDataError(
                 f"{where}: chunk {first + k} of shard {key} fails its crc32c checksum"
             )
-    for scratch, a, b, dst in partial:
-        out_bytes[dst : dst + (b - a)] = scratch[a:b]
+    for i, scratch, a, b, dst in partial:
+        out_bytes[dst : dst + (b - a)] = scratch.data[a:b]
+        if cache is not None:
+            cache.put(key, i, scratch)
+
+
+# Copying whole shards (offload swap files -> checkpoints) ---------------------------------------
+
+_COPY_WINDOW_BYTES = 8 << 20
+
+
+def copy_shard(
+    src: Storage, src_key: str, dst: Storage, dst_key: str, group: FlatGroup, dt: DType
+) -> int:
+    """Copy one shard object to ``dst_key``, published atomically like any shard; returns bytes.
+
+    The destination must describe the same geometry (``group``, ``dt``): shard bytes depend only
+    on them, so the copy is byte for byte. Same local file system: ``shutil.copyfile`` (in-kernel)
+    into a temporary name, fsync, rename. Same fsspec file system: its own ``copy`` (server-side
+    on object stores). Otherwise the shard streams through memory a window of whole chunks at a
+    time, and every chunk's crc32c is verified on the way.
+    """
+    nbytes = shard_nbytes(group, dt)
+    if isinstance(src, LocalStorage) and isinstance(dst, LocalStorage):
+        _copy_local(
+            os.path.join(src.root, *src_key.split("/")), os.path.join(dst.root, *dst_key.split("/"))
+        )
+        return nbytes
+    if isinstance(src, FsspecStorage) and isinstance(dst, FsspecStorage) and src.fs is dst.fs:
+        a, b = f"{src.path}/{src_key}", f"{dst.path}/{dst_key}"
+        protocols = src.fs.protocol if isinstance(src.fs.protocol, tuple) else (src.fs.protocol,)
+        with translate_errors(dst.url, dst_key):
+            if {"s3", "s3a", "gs", "gcs", "az", "abfs"} & set(protocols):
+                src.fs.copy(a, b)  # one server-side copy, published whole
+            else:
+                tmp = f"{b}.tmp-{uuid.uuid4().hex[:12]}"
+                try:
+                    src.fs.copy(a, tmp)
+                    src.fs.mv(tmp, b)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        src.fs.rm(tmp)
+                    raise
+        return nbytes
+    where = f"{src.url}/{src_key}"
+    n = group.chunks_per_shard
+    size = chunk_nbytes(group, dt)
+    stream = dst.open_stream(dst_key)
+    try:
+        index = src.read_range(src_key, 0, index_nbytes(n))
+        check_index(index, group, dt, where)
+        stream.write(index)
+        per_window = max(1, _COPY_WINDOW_BYTES // size)
+        buf = bytearray(per_window * size)
+        for first in range(0, n, per_window):
+            k = min(per_window, n - first)
+            view = memoryview(buf)[: k * size]
+            src.readinto(src_key, index_nbytes(n) + first * size, [view])
+            for i in range(k):
+                chunk = view[i * size : (i + 1) * size - CRC_NBYTES]
+                if (
+                    np.uint32(crc(chunk)).tobytes()
+                    != view[(i + 1) * size - CRC_NBYTES : (i + 1) * size]
+                ):
+                    raise CorruptDataError(f"{where}: chunk {first + i} fails its crc32c checksum")
+            stream.write(view)
+        stream.commit()
+    except BaseException:
+        stream.abort()
+        raise
+    return nbytes
+
+
+def _copy_local(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        shutil.copyfile(src, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+    except FileNotFoundError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise StorageError(f"{src}: not found while copying to {dst} ({e.strerror or e})") from e
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        hint = "; free space and retry" if e.errno == 28 else ""
+        raise StorageError(f"{dst}: copying {src} failed: {e}{hint}") from e
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -8,6 +8,10 @@ through fsspec, so fsspec's standard configuration (``FSSPEC_S3_ENDPOINT_URL``, 
 Every write that must not be seen half-done goes through ``write_atomic`` or ``open_stream``: the
 object appears under its final key only once complete (rename on file systems, a single PUT or a
 completed multipart upload on object stores).
+
+fsspec calls that are safe to repeat go through ``retry.call`` (bounded, jittered backoff; see
+retry.py for which operations qualify and the ``ZSHARD_RETRIES``/``ZSHARD_RETRY_BASE_S`` limits).
+Local disks are not retried: their errors (ENOSPC, EIO, EACCES) do not go away by asking again.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import contextlib
 import os
 import posixpath
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
-from typing import IO, Any, Protocol
+from typing import IO, Any, NoReturn, Protocol
 
 from zshard.errors import CorruptDataError, StorageError
+from zshard.store import retry
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "r2"}
 
@@ -61,6 +67,16 @@ def translate_errors(url: str, key: str = "") -> Iterator[None]:
         yield
     except StorageError:
         raise
+    except Exception as e:
+        attempts = retry.attempts_made(e)
+        if attempts > 1:  # retried transient errors: say so, the user may raise ZSHARD_RETRIES
+            where = f"{where}: gave up after {attempts} attempts"
+        _raise_translated(e, where)
+
+
+def _raise_translated(exc: Exception, where: str) -> NoReturn:
+    try:
+        raise exc
     except FileNotFoundError as e:
         raise StorageError(f"{where}: not found ({e.strerror or e})") from e
     except PermissionError as e:
@@ -210,37 +226,86 @@ class LocalStorage:
 # fsspec file systems (memory://, s3://, gs://, ...)
 
 
+# A streamed object is spooled locally (in memory up to this size, then in a temporary file)
+# and uploaded whole at commit: a failed upload can then be replayed from the spool, which a
+# half-sent multipart stream cannot. The cost is local scratch space for one object at a time.
+SPOOL_MEMORY_BYTES = 16 << 20
+_COPY_BYTES = 8 << 20
+
+
 class _FsspecStream:
-    def __init__(self, fs: Any, path: str, atomic_put: bool, where: str = "") -> None:
+    def __init__(
+        self,
+        fs: Any,
+        path: str,
+        atomic_put: bool,
+        where: str = "",
+        policy: retry.RetryPolicy | None = None,
+    ) -> None:
         self._fs = fs
         self._final = path
         self._where = where or path  # the URL named in errors
-        # Object stores publish a multipart upload only when it completes; file-like systems
-        # need a temporary name and a rename.
-        self._path = path if atomic_put else f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        self._f = fs.open(self._path, "wb")
+        self._atomic_put = atomic_put
+        self._policy = policy
+        self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
+            max_size=SPOOL_MEMORY_BYTES, prefix="zshard-spool-"
+        )
+        self._size = 0
 
     def write(self, data: memoryview | bytes) -> None:
-        # Buffered parts are uploaded from here: network and quota errors surface in write.
-        with translate_errors(self._where):
-            self._f.write(data)
+        try:
+            self._spool.write(data)
+        except OSError as e:
+            raise StorageError(
+                f"{self._where}: local spool ({tempfile.gettempdir()}) failed: {e}; free space "
+                "there or set TMPDIR"
+            ) from e
+        self._size += memoryview(data).nbytes
+
+    def _upload_once(self) -> None:
+        # Object stores publish a PUT or multipart upload only when it completes; file-like
+        # systems get a temporary name and a rename. Each attempt starts from byte 0 of the spool
+        # and a fresh temporary name, so a retry repeats a whole, idempotent write.
+        target = self._final if self._atomic_put else f"{self._final}.tmp-{uuid.uuid4().hex[:12]}"
+        self._spool.seek(0)
+        try:
+            if self._size <= SPOOL_MEMORY_BYTES:
+                self._fs.pipe_file(target, self._spool.read())
+            else:
+                f = self._fs.open(target, "wb")
+                try:
+                    while block := self._spool.read(_COPY_BYTES):
+                        f.write(block)
+                    f.close()
+                except BaseException:
+                    _discard(f)
+                    raise
+            if target != self._final:
+                self._fs.mv(target, self._final)
+        except BaseException:
+            if target != self._final:
+                with contextlib.suppress(Exception):
+                    self._fs.rm(target)
+            raise
 
     def commit(self) -> None:
-        with translate_errors(self._where):
-            self._f.close()
-            if self._path != self._final:
-                self._fs.mv(self._path, self._final)
+        try:
+            with translate_errors(self._where):
+                retry.call(self._upload_once, self._where, self._policy)
+        finally:
+            self._spool.close()
 
     def abort(self) -> None:
-        discard = getattr(self._f, "discard", None)
-        with contextlib.suppress(Exception):
-            if discard is not None:
-                discard()  # s3fs: abandon the multipart upload, nothing is published
-            else:
-                self._f.close()
-        if self._path != self._final:
-            with contextlib.suppress(Exception):
-                self._fs.rm(self._path)
+        self._spool.close()  # nothing was sent: nothing to clean up remotely
+
+
+def _discard(f: Any) -> None:
+    discard = getattr(f, "discard", None)
+    with contextlib.suppress(Exception):
+        if discard is not None:
+            discard()  # s3fs: abandon the multipart upload, nothing is published
+        else:
+            f.close()
 
 
 class FsspecStorage:
@@ -256,32 +321,49 @@ class FsspecStorage:
         protocol = getattr(fs, "protocol", "")
         protocols = {protocol} if isinstance(protocol, str) else set(protocol)
         self._atomic_put = bool(protocols & _OBJECT_STORES)
+        self.retry_policy = retry.RetryPolicy.from_env()
 
     def _p(self, key: str) -> str:
         return f"{self.path}/{key}" if key else self.path
 
+    def _call(self, key: str, fn: Any) -> Any:
+        """``fn()`` with bounded retries (only for calls safe to repeat), errors translated."""
+        with translate_errors(self.url, key):
+            return retry.call(fn, f"{self.url}/{key}", self.retry_policy)
+
     def child(self, key: str) -> FsspecStorage:
-        return FsspecStorage(f"{self.url}/{key}", self.fs, self._p(key))
+        c = FsspecStorage(f"{self.url}/{key}", self.fs, self._p(key))
+        c.retry_policy = self.retry_policy
+        return c
+
+    def _fresh(self, key: str) -> str:
+        """The path of ``key``, with fsspec's listing cache for it dropped.
+
+        s3fs (and other fsspec stores) answer ``exists``/``info``/``ls`` from listings cached
+        in this process and invalidate them only on their own writes. Other processes write the
+        same root (the other ranks' shards, a concurrent save, a commit seen by a reader), so a
+        cached answer can miss a committed manifest or list a deleted step: always ask.
+        """
+        path = self._p(key)
+        invalidate = getattr(self.fs, "invalidate_cache", None)
+        if invalidate is not None:
+            invalidate(path)
+        return path
 
     def exists(self, key: str) -> bool:
-        with translate_errors(self.url, key):
-            return bool(self.fs.exists(self._p(key)))
+        return bool(self._call(key, lambda: self.fs.exists(self._fresh(key))))
 
     def isdir(self, key: str) -> bool:
-        with translate_errors(self.url, key):
-            return bool(self.fs.isdir(self._p(key)))
+        return bool(self._call(key, lambda: self.fs.isdir(self._fresh(key))))
 
     def size(self, key: str) -> int:
-        with translate_errors(self.url, key):
-            return int(self.fs.size(self._p(key)))
+        return int(self._call(key, lambda: self.fs.size(self._fresh(key))))
 
     def read(self, key: str) -> bytes:
-        with translate_errors(self.url, key):
-            return bytes(self.fs.cat_file(self._p(key)))
+        return bytes(self._call(key, lambda: self.fs.cat_file(self._p(key))))
 
     def read_range(self, key: str, start: int, stop: int) -> bytes:
-        with translate_errors(self.url, key):
-            data = bytes(self.fs.cat_file(self._p(key), start=start, end=stop))
+        data = bytes(self._call(key, lambda: self.fs.cat_file(self._p(key), start=start, end=stop)))
         if len(data) != stop - start:
             raise CorruptDataError(f"{self.url}/{key}: truncated, expected {stop - start} bytes")
         return data
@@ -295,37 +377,51 @@ class FsspecStorage:
             pos += b.nbytes
 
     def write_atomic(self, key: str, data: bytes) -> None:
-        with translate_errors(self.url, key):
-            if self._atomic_put:
-                self.fs.pipe_file(self._p(key), data)
-            else:
-                s = _FsspecStream(self.fs, self._p(key), False, f"{self.url}/{key}")
-                try:
-                    s.write(data)
-                    s.commit()
-                except BaseException:
-                    s.abort()
-                    raise
+        path = self._p(key)
+        if self._atomic_put:
+            # One PUT of the same bytes: repeating it after a lost response is harmless.
+            self._call(key, lambda: self.fs.pipe_file(path, data))
+            return
+
+        def via_temporary() -> None:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # fresh per attempt
+            try:
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, path)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(tmp)
+                raise
+
+        self._call(key, via_temporary)
 
     def open_stream(self, key: str) -> StreamWriter:
-        with translate_errors(self.url, key):
-            return _FsspecStream(self.fs, self._p(key), self._atomic_put, f"{self.url}/{key}")
+        where = f"{self.url}/{key}"
+        return _FsspecStream(self.fs, self._p(key), self._atomic_put, where, self.retry_policy)
 
     def listdir(self, key: str) -> list[str]:
-        with translate_errors(self.url, key):
+        def ls() -> list[str]:
             try:
-                entries = self.fs.ls(self._p(key), detail=False)
+                return list(self.fs.ls(self._fresh(key), detail=False))
             except FileNotFoundError:
                 return []
+
+        entries = self._call(key, ls)
         base = self._p(key).rstrip("/")
         names = {posixpath.basename(str(e).rstrip("/")) for e in entries}
         names.discard(posixpath.basename(base))
         return sorted(n for n in names if n)
 
     def remove_tree(self, key: str) -> None:
-        with translate_errors(self.url, key):
-            if self.fs.exists(self._p(key)):
-                self.fs.rm(self._p(key), recursive=True)
+        def rm() -> None:
+            # Repeatable: a retry after a partial delete finds less, or nothing, to delete.
+            try:
+                if self.fs.exists(self._fresh(key)):
+                    self.fs.rm(self._p(key), recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._call(key, rm)
 
 
 def open_storage(url: str) -> Storage:

@@ -16,6 +16,7 @@ torch.distributed; single-process tools just call the steps in order).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import json
 from collections.abc import Iterable
@@ -24,9 +25,10 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from zshard.errors import CorruptDataError, ManifestError, OutputExistsError
+from zshard.errors import CorruptDataError, ManifestError, OutputExistsError, ZshardError
 from zshard.store import dtypes
 from zshard.store.layout import Layout
+from zshard.store.lock import RootLock
 from zshard.store.manifest import MANIFEST_KEY, ArrayEntry, Manifest, TensorEntry
 from zshard.store.root import apply_retention, step_dir_name, write_latest
 from zshard.store.shard import ShardWriter, array_metadata_bytes, shard_key, shard_nbytes
@@ -99,20 +101,45 @@ class CheckpointWriter:
         if errs:
             raise ManifestError(f"checkpoint plan for step {step}: {errs[0]}")
         self._has_rank_state = False
+        self._lock: RootLock | None = None  # held from prepare() to commit()/abort() (rank 0)
 
     # -- rank 0, before the first barrier --------------------------------------------------------
 
     def prepare(self) -> None:
-        """Refuse to replace a committed checkpoint (unless overwrite) and clear a leftover."""
-        if self.dir.exists(MANIFEST_KEY):
-            if not self.overwrite:
-                raise OutputExistsError(
-                    f"{self.dir.url}: a committed checkpoint already exists; choose another "
-                    "step or pass overwrite"
-                )
-            # Un-commit first: from here on the old checkpoint is invisible, never half-replaced.
-            self.dir.remove_tree(MANIFEST_KEY)
-        self.dir.remove_tree("")
+        """Refuse to replace a committed checkpoint (unless overwrite) and clear a leftover.
+
+        Also takes the root's lock (lock.py) until ``commit`` or ``abort``, so two runs never
+        write into one root at once; a root already locked by this run (the ``zshard train``
+        launcher's lock, inherited through ``ZSHARD_RUN_ID``) is written without a new lock.
+        """
+        if self.dir.exists(MANIFEST_KEY) and not self.overwrite:
+            raise OutputExistsError(
+                f"{self.dir.url}: a committed checkpoint already exists; choose another "
+                "step or pass overwrite"
+            )
+        self._lock = RootLock(self.root_url, purpose=f"writing {self.name}").acquire()
+        try:
+            if self.dir.exists(MANIFEST_KEY):
+                # Un-commit first: from here on the old checkpoint is invisible, never
+                # half-replaced.
+                self.dir.remove_tree(MANIFEST_KEY)
+            self.dir.remove_tree("")
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def abort(self) -> None:
+        """Give up an uncommitted save: remove its step directory and release the root lock."""
+        try:
+            with contextlib.suppress(ZshardError):
+                self.dir.remove_tree("")
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     # -- every rank --------------------------------------------------------------------------
 
@@ -153,6 +180,18 @@ class CheckpointWriter:
         update_latest: bool = True,
     ) -> Manifest:
         """Check every shard is present, then write metadata, the manifest and ``latest``."""
+        try:
+            return self._commit(state, keep_last, rank_state, update_latest)
+        finally:
+            self._release_lock()
+
+    def _commit(
+        self,
+        state: dict[str, Any] | None,
+        keep_last: int,
+        rank_state: bool | None,
+        update_latest: bool,
+    ) -> Manifest:
         from zshard import __version__
 
         m = self.manifest

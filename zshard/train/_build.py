@@ -94,8 +94,11 @@ def build_replicated(
     dtype: torch.dtype,
     device: torch.device,
     mixed: bool,
+    on_built: Callable[[FlatParamGroup], None] | None = None,
 ) -> list[FlatParamGroup]:
-    """Stages 0-2: one flat group per (dtype, trainable) — normally just ``params``."""
+    """Stages 0-2: one flat group per (dtype, trainable) — normally just ``params``.
+
+    ``on_built(g)`` runs as soon as each group is filled (offload moves its state away)."""
     keyed = _split(params, dtype)
     groups = []
     for key, members in keyed.items():
@@ -111,6 +114,9 @@ def build_replicated(
         )
         src = comm.broadcast(g.gather_source(_source_dtype(g.dtype), device), 0)
         _fill(g, src, mixed=mixed, stage=stage)
+        del src
+        if on_built is not None:
+            on_built(g)
         groups.append(g)
     return groups
 
@@ -180,6 +186,7 @@ def build_partitioned(
     device: torch.device,
     mixed: bool,
     persistence_threshold: int,
+    on_built: Callable[[FlatParamGroup], None] | None = None,
 ) -> list[FlatParamGroup]:
     """Stage 3: one flat group per module that directly owns parameters, in module order.
 
@@ -216,8 +223,11 @@ def build_partitioned(
             )
             src = comm.broadcast(g.gather_source(_source_dtype(g.dtype), device), 0)
             _fill(g, src, mixed=mixed, stage=3)
+            del src
             g.detach()
             g.persistent = g.numel < persistence_threshold
+            if on_built is not None:
+                on_built(g)  # offload: this module's partitions leave before the next is built
             groups.append(g)
     for g in groups:
         if g.persistent:

@@ -13,6 +13,11 @@ Each rank keeps only its partition of every flat group (one group per module own
 - Prefetch: the first training iteration records the order groups are used in forward and in
   backward; later, using a group starts asynchronous all-gathers of the next ``prefetch``.
 - Groups smaller than the persistence threshold stay whole on every rank (``persistent``).
+- Parameter offload (``params``, see offload.py): a group's partition is not resident; it is
+  fetched for each all-gather and dropped once the gather is done. Reads run ahead of use by the
+  source's ``read_ahead`` groups in the recorded order (further than the gathers' prefetch, so
+  a prefetched gather finds its partition read), and the next step's first groups are read as
+  soon as the optimizer has written them (``after_step``).
 
 Invariant: every rank issues the same gathers and reduce-scatters in the same order. That holds
 when every rank runs the same modules (as with any ZeRO-3 implementation); leftovers are flushed
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -33,6 +38,17 @@ from zshard.train._comm import Comm, Work
 from zshard.train._flat import FlatParamGroup, Member
 
 _FWD, _BWD = "fwd", "bwd"
+
+
+class ParamSource(Protocol):
+    """Where offloaded parameter partitions come from (``offload.Offload``)."""
+
+    read_ahead: int  # partitions read ahead of use
+
+    def holds(self, g: FlatParamGroup, kind: str) -> bool: ...
+    def fetch(self, g: FlatParamGroup) -> torch.Tensor: ...
+    def prefetch(self, g: FlatParamGroup) -> None: ...
+    def done(self, g: FlatParamGroup, part: torch.Tensor) -> None: ...
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -55,12 +71,16 @@ class Stage3:
         comm: Comm,
         device: torch.device,
         prefetch: int,
+        params: ParamSource | None = None,
     ) -> None:
         self.groups = list(groups)
+        self.params = params
+        self.offloaded = {g.name for g in groups if params is not None and params.holds(g, "param")}
         self.comm = comm
         self.device = device
         self.prefetch = prefetch
         self.hold_all = False  # inside gathered_parameters()
+        self._by_name = {g.name: g for g in self.groups}
         by_param = {id(m.param): g for g in self.groups for m in g.members}
         self.module_groups: dict[nn.Module, list[FlatParamGroup]] = {}
         for module in model.modules():
@@ -70,7 +90,8 @@ class Stage3:
                     used.append(by_param[id(p)])
             if used:
                 self.module_groups[module] = used
-        self._inflight: dict[str, tuple[torch.Tensor, Work]] = {}
+        # name -> (full buffer, its all-gather, the partition it reads)
+        self._inflight: dict[str, tuple[torch.Tensor, Work, torch.Tensor]] = {}
         self._staging: dict[str, torch.Tensor] = {}
         self._pending: dict[str, int] = {}
         self._reduced: set[str] = set()
@@ -93,10 +114,20 @@ class Stage3:
     # -- gather / release ----------------------------------------------------------------------
 
     def _start_gather(self, g: FlatParamGroup) -> torch.Tensor:
-        assert g.param_part is not None
+        if g.name in self.offloaded:
+            assert self.params is not None
+            part = self.params.fetch(g)
+        else:
+            assert g.param_part is not None
+            part = g.param_part
         buf = torch.empty(g.padded_numel, dtype=g.dtype, device=self.device)
-        self._inflight[g.name] = (buf, self.comm.all_gather(buf, g.param_part, async_op=True))
+        self._inflight[g.name] = (buf, self.comm.all_gather(buf, part, async_op=True), part)
         return buf
+
+    def _gathered(self, g: FlatParamGroup, part: torch.Tensor) -> None:
+        if g.name in self.offloaded:
+            assert self.params is not None
+            self.params.done(g, part)
 
     def gather(self, g: FlatParamGroup) -> None:
         """Make ``g``'s parameters whole (waiting for a prefetch if one is in flight)."""
@@ -104,8 +135,9 @@ class Stage3:
             return
         if g.name not in self._inflight:
             self._start_gather(g)
-        buf, work = self._inflight.pop(g.name)
+        buf, work, part = self._inflight.pop(g.name)
         work.wait()
+        self._gathered(g, part)
         g.attach(buf)
 
     def maybe_release(self, g: FlatParamGroup) -> None:
@@ -115,9 +147,9 @@ class Stage3:
 
     def release_all(self) -> None:
         """Wait for prefetches and release every group nothing holds (after an eval forward)."""
-        for buf, work in self._inflight.values():
+        for name, (_, work, part) in self._inflight.items():
             work.wait()
-            del buf
+            self._gathered(self._by_name[name], part)
         self._inflight.clear()
         for g in self.groups:
             g.fwd_active, g.bwd_hold = 0, False
@@ -130,9 +162,22 @@ class Stage3:
         i = self._position[phase].get(g.name)
         if i is None:
             return
-        for nxt in self._order[phase][i + 1 : i + 1 + self.prefetch]:
+        order = self._order[phase]
+        if self.params is not None:
+            for nxt in order[i + 1 : i + 1 + self.prefetch + self.params.read_ahead]:
+                if nxt.flat is None and nxt.name not in self._inflight:
+                    self.params.prefetch(nxt)
+        for nxt in order[i + 1 : i + 1 + self.prefetch]:
             if nxt.flat is None and nxt.name not in self._inflight:
                 self._start_gather(nxt)
+
+    def after_step(self) -> None:
+        """The optimizer wrote new partitions: start reading the next forward's first groups."""
+        if self.params is None:
+            return
+        for g in self._order[_FWD][: self.params.read_ahead]:
+            if g.flat is None:
+                self.params.prefetch(g)
 
     # -- hooks ---------------------------------------------------------------------------------
 

@@ -48,7 +48,9 @@ from zshard.store import (
 )
 from zshard.store.dtypes import from_torch
 from zshard.store.root import join_url
+from zshard.store.shard import shard_key
 from zshard.train._flat import FlatParamGroup
+from zshard.train.offload import OffloadError
 
 if TYPE_CHECKING:
     from zshard.train.engine import Engine
@@ -176,14 +178,31 @@ def save(
         "extra": dict(extra or {}),
     }
     rank_state = {"rank": engine.rank, "rng": _rng_state()}
+    off = engine._offload
+    if off is not None and off.broken:
+        raise OffloadError(f"save(): {off.broken}")
     # Async: private host copies, so training may change the partitions meanwhile.
     shards = {
         key: to_numpy(t.detach().to("cpu", copy=use_async))
         for key, t in engine.state_tensors().items()
     }
+    # Offloaded files are copied shard to shard, never through memory whole; an async save
+    # copies from snapshots (file copies in the swap space) taken now.
+    swapped = engine.offloaded_shards()
+    drop_snapshots: Callable[[], None] | None = None
+    if swapped and use_async:
+        assert off is not None
+        swapped, drop_snapshots = off.snapshot()
     comm, rank = engine.comm, engine.rank
 
     def job() -> None:
+        try:
+            write()
+        finally:
+            if drop_snapshots is not None:
+                drop_snapshots()
+
+    def write() -> None:
         # Each phase ends with an agreement among ranks, so a failure anywhere stops everyone
         # before the commit instead of leaving the others blocked.
         ok = False
@@ -207,6 +226,8 @@ def save(
         try:
             for (group, kind), data in shards.items():
                 writer.write_shard(group, kind, data)
+            for (group, kind), src in swapped.items():
+                src.copy_to(writer.dir, shard_key(writer.array(group, kind).path, rank))
             writer.write_rank_state(rank_state)
             ok = True
         finally:
@@ -301,6 +322,37 @@ def _fill_range(
         dest[a - lo : b - lo].copy_(src)
 
 
+def _fill_kind(
+    engine: Engine,
+    reader: CheckpointReader,
+    g: FlatParamGroup,
+    kind: str,
+    sources: tuple[str, ...],
+    resident: torch.Tensor | None,
+    lo: int,
+) -> None:
+    """Fill ``g``'s ``kind`` (flat elements from ``lo``) from the first of ``sources`` the
+    checkpoint has, or with zeros if ``sources`` is empty: in place when resident, else as a
+    new version of the offloaded array, streamed window by window."""
+    off = engine._offload
+    if off is not None and off.holds(g, kind):
+        dtype = g.dtype if kind == "param" else torch.float32
+
+        def produce(a: int, b: int) -> torch.Tensor:
+            buf = torch.zeros(b - a, dtype=dtype)
+            if sources:
+                _fill_range(reader, g, sources, buf, lo + a)
+            return buf
+
+        off.fill(g, kind, produce)
+        return
+    assert resident is not None, (g.name, kind)
+    if sources:
+        _fill_range(reader, g, sources, resident, lo)
+    else:
+        resident.zero_()
+
+
 def load(engine: Engine, url: str | None = None) -> dict[str, Any]:
     """Load a checkpoint (a step directory, or a root's newest) into ``engine``.
 
@@ -331,25 +383,22 @@ def load(engine: Engine, url: str | None = None) -> dict[str, Any]:
     # The master (fp32) is the better source of parameter values when both exist.
     value_kinds = ("master", "param")
     for g in engine.groups:
-        assert g.param_part is not None
         if engine.stage < 3:
             assert g.flat is not None
             _fill_range(reader, g, value_kinds, g.flat, 0)
         else:
-            _fill_range(reader, g, value_kinds, g.param_part, g.partition_range[0])
+            _fill_kind(engine, reader, g, "param", value_kinds, g.param_part, g.partition_range[0])
             if g.persistent and g.flat is not None:
+                assert g.param_part is not None
                 engine.comm.all_gather(g.flat, g.param_part)
         if not g.trainable:
             continue
         lo = g.update_range[0]
         if not g.master_is_param:
-            assert g.master is not None
-            _fill_range(reader, g, value_kinds, g.master, lo)
-        for key, t in g.state.items():
-            if with_optimizer:
-                _fill_range(reader, g, (key,), t, lo)
-            else:
-                t.zero_()
+            _fill_kind(engine, reader, g, "master", value_kinds, g.master, lo)
+        for key in engine.optimizer.state_keys:
+            sources = (key,) if with_optimizer else ()
+            _fill_kind(engine, reader, g, key, sources, g.state.get(key), lo)
     for bg in engine.buffer_groups:
         for name, t in bg.tensors():
             if _has(reader, name, "buffer"):
@@ -358,6 +407,8 @@ def load(engine: Engine, url: str | None = None) -> dict[str, Any]:
                 log.warning(
                     "checkpoint %s has no buffer %r: keeping its current value", reader.url, name
                 )
+    if engine._offload is not None:
+        engine._offload.broken = None  # every offloaded array was just rewritten whole
     state = reader.manifest.state
     engine.load_train_state(state.get("train", {}), with_optimizer=with_optimizer)
     engine.zero_grad()

@@ -12,6 +12,7 @@ a bad file fails at start-up with the dotted key, the allowed values and the val
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 import yaml
 
 from zshard.errors import ConfigError
+
+log = logging.getLogger("zshard.train")
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -89,6 +92,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
+        if isinstance(value, (Mapping, str)) and issubclass(hint, _Section):
+            return _build(hint, value, key)
     else:  # pragma: no cover - a field type this module does not handle is a bug here
         raise TypeError(f"unsupported config field type {hint!r} for {key}")
     raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
@@ -109,6 +114,11 @@ class _Section:
 
     def _key(self, name: str) -> str:
         return f"{self._section}.{name}" if self._section else name
+
+    @classmethod
+    def _translate(cls, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """Raw keys -> field keys before building (foreign spellings); identity by default."""
+        return dict(data)
 
     def _check(self) -> None:
         """Range checks and cross-field rules of one section."""
@@ -295,9 +305,119 @@ class PrecisionConfig(_Section):
     grad_accum_dtype: Literal["param", "fp32"] = "param"
 
 
+OffloadDevice = Literal["none", "cpu", "nvme"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OffloadSection(_Section):
+    """Shared parts of the two offload sections: DeepSpeed's spellings and the path rule.
+
+    ``device``: ``cpu`` keeps the state in host memory (pinned with ``pin_memory`` when CUDA is
+    present); ``nvme`` keeps it in store-format files under ``path``, any fsspec URL (a local
+    NVMe directory, ``memory://``, ``s3://``); ``none`` turns the section off (the field becomes
+    None). DeepSpeed's key names are accepted where they mean the same (``nvme_path``, ...);
+    DeepSpeed tuning knobs zshard has no use for are accepted with a warning; anything else is a
+    ConfigError naming the key.
+    """
+
+    # DeepSpeed key -> zshard field.
+    _renamed: ClassVar[dict[str, str]] = {"nvme_path": "path"}
+    # DeepSpeed keys accepted with no effect -> why (logged once as a warning).
+    _noops: ClassVar[dict[str, str]] = {}
+
+    device: OffloadDevice = "cpu"
+    path: str | None = None
+    buffer_count: int = 4
+    pin_memory: bool = False
+
+    @classmethod
+    def _translate(cls, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in cls._renamed:
+                target = cls._renamed[key]
+                if target in data:
+                    raise ConfigError(
+                        f"{prefix}.{key}: give {target} or {key} (DeepSpeed's name), not both"
+                    )
+                out[target] = value
+            elif key in cls._noops:
+                log.warning(
+                    "%s.%s=%r has no effect in zshard: %s", prefix, key, value, cls._noops[key]
+                )
+            elif key == "ratio":
+                # DeepSpeed's partial offload (stage 3, CPU Adam on a fraction of the state).
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value != 1:
+                    raise ConfigError(
+                        f"{prefix}.ratio: partial offload is not supported, got {value!r}; use "
+                        "1.0 or remove the key"
+                    )
+            else:
+                out[key] = value
+        return out
+
+    def _check(self) -> None:
+        self._positive("buffer_count")
+        if self.device == "nvme" and not self.path:
+            raise ConfigError(
+                f"{self._key('path')}: device 'nvme' needs a path (a local directory or an fsspec "
+                "URL such as s3://bucket/swap)"
+            )
+        if self.device != "nvme" and self.path:
+            log.warning(
+                "%s=%r is only used with device 'nvme' (device is %r)",
+                self._key("path"),
+                self.path,
+                self.device,
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OffloadOptimizerConfig(_OffloadSection):
+    """Stages 1-3: the fp32 master weights and the optimizer state off the rank.
+
+    The step streams them in sub-groups of ``sub_group_size`` elements of each flat group's
+    partition: read (the next one prefetched), update, write back. At most ``buffer_count``
+    sub-groups are in memory at once (one updating, the others being read or written).
+    """
+
+    _section: ClassVar[str] = "zero.offload_optimizer"
+    _noops: ClassVar[dict[str, str]] = {
+        "pipeline_read": "zshard always reads the next sub-group ahead",
+        "pipeline_write": "zshard always writes sub-groups back in the background",
+        "pipeline": "zshard always overlaps reads and writes with the update",
+        "fast_init": "zshard always initialises offloaded state by streaming",
+    }
+    sub_group_size: int = 1 << 22
+
+    def _check(self) -> None:
+        super()._check()
+        self._positive("sub_group_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OffloadParamConfig(_OffloadSection):
+    """Stage 3: each rank's parameter partitions off the rank, fetched before a module's forward
+    and backward (``buffer_count`` modules ahead, in the order recorded in the first step) and
+    released after. Up to ``max_in_memory`` elements of fetched partitions stay cached."""
+
+    _section: ClassVar[str] = "zero.offload_param"
+    _renamed: ClassVar[dict[str, str]] = {"nvme_path": "path", "max_in_cpu": "max_in_memory"}
+    _noops: ClassVar[dict[str, str]] = {
+        "buffer_size": "zshard sizes fetch buffers to each module's partition",
+    }
+    buffer_count: int = 5
+    max_in_memory: int = 0
+
+    def _check(self) -> None:
+        super()._check()
+        self._positive("max_in_memory", allow_zero=True)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ZeroConfig(_Section):
-    """ZeRO stage and its buffers (sizes count elements)."""
+    """ZeRO stage and its buffers (sizes count elements); offload of optimizer state (stages
+    1-3) and of parameters (stage 3)."""
 
     _section: ClassVar[str] = "zero"
     stage: Literal[0, 1, 2, 3] = 0
@@ -305,13 +425,27 @@ class ZeroConfig(_Section):
     allgather_bucket_size: int = 50_000_000
     prefetch: int = 2  # stage 3: modules gathered ahead of use
     param_persistence_threshold: int = 100_000  # stage 3: smaller modules stay whole
-    # Reserved for the offload issue; setting them is rejected by the engine for now.
-    offload_optimizer: dict[str, Any] | None = None
-    offload_param: dict[str, Any] | None = None
+    offload_optimizer: OffloadOptimizerConfig | None = None
+    offload_param: OffloadParamConfig | None = None
 
     def _check(self) -> None:
         self._positive("reduce_bucket_size", "allgather_bucket_size")
         self._positive("prefetch", "param_persistence_threshold", allow_zero=True)
+        # `device: none` means off: one representation of "off" (None) for everyone downstream.
+        for name in ("offload_optimizer", "offload_param"):
+            block = getattr(self, name)
+            if block is not None and block.device == "none":
+                object.__setattr__(self, name, None)
+        if self.offload_optimizer is not None and self.stage == 0:
+            raise ConfigError(
+                "zero.offload_optimizer: needs zero.stage 1, 2 or 3 (stage 0 keeps the whole "
+                "optimizer state on every rank)"
+            )
+        if self.offload_param is not None and self.stage != 3:
+            raise ConfigError(
+                f"zero.offload_param: needs zero.stage 3 (only stage 3 partitions parameters), "
+                f"got stage {self.stage}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,6 +519,12 @@ class ZshardConfig(_Section):
 
 # YAML keys that differ from field names (``async`` is a Python keyword).
 _ALIASES: dict[type, dict[str, str]] = {CheckpointConfig: {"async": "async_save"}}
+# Sections that may be given as one string: the field it sets.
+_SHORTHAND: dict[type, str] = {
+    PrecisionConfig: "dtype",
+    OffloadOptimizerConfig: "device",
+    OffloadParamConfig: "device",
+}
 
 
 def _to_plain(obj: Any) -> Any:
@@ -401,14 +541,23 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+def _section_hint(hint: Any) -> type[_Section] | None:
+    """The section class of a field typed ``Section`` or ``Section | None``, else None."""
+    for arg in get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,):
+        if isinstance(arg, type) and issubclass(arg, _Section):
+            return arg
+    return None
+
+
 def _build(cls: type[_Section], data: Any, prefix: str) -> Any:
     where = prefix or "config"
-    if cls is PrecisionConfig and isinstance(data, str):
-        data = {"dtype": data}  # shorthand: `precision: bf16`
+    if isinstance(data, str) and cls in _SHORTHAND:
+        data = {_SHORTHAND[cls]: data}  # `precision: bf16`, `offload_optimizer: cpu`
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    data = cls._translate(data, where)
     aliases = _ALIASES.get(cls, {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -420,8 +569,8 @@ def _build(cls: type[_Section], data: Any, prefix: str) -> Any:
             shown = {v: k for k, v in aliases.items()}
             allowed = sorted(shown.get(name, name) for name in fields)
             raise ConfigError(f"{dotted}: unknown key; expected one of {', '.join(allowed)}")
-        hint = hints[key]
-        if isinstance(hint, type) and issubclass(hint, _Section):
+        hint = _section_hint(hints[key])
+        if hint is not None and (value is not None or hint is hints[key]):
             kwargs[key] = _build(hint, value, dotted)
         else:
             kwargs[key] = value
@@ -444,8 +593,8 @@ def _set_dotted(tree: dict[str, Any], override: str) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if isinstance(child, str) and part == "precision":
-            child = {"dtype": child}
+        if isinstance(child, str) and part in ("precision", "offload_optimizer", "offload_param"):
+            child = {"dtype" if part == "precision" else "device": child}
         if child is None:
             child = {}
         if not isinstance(child, dict):

@@ -14,6 +14,10 @@ What each stage keeps per rank (N ranks, see DESIGN.md and _flat.FlatParamGroup)
     stage 1  full params, full grads, master + state partition       (reduce-scatter at window end)
     stage 2  full params, grad partition, master + state partition   (bucketed, during backward)
     stage 3  param/grad/master/state partitions                      (gather per module, _stage3)
+
+``zero.offload_optimizer`` (stages 1-3) moves master and optimizer state, ``zero.offload_param``
+(stage 3) the parameter partitions, to host memory or store-format swap files on any fsspec
+path; the step then streams them in sub-groups (offload.py).
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from zshard.errors import ConfigError, InvalidArgumentError
+from zshard.errors import InvalidArgumentError, ZshardError
 from zshard.train import _build
 from zshard.train._comm import Comm, resolve_device
 from zshard.train._flat import FlatBufferGroup, FlatParamGroup, Member, numel_bytes
 from zshard.train._reduce import BucketReducer, GradSink, WindowReducer
 from zshard.train._stage3 import Stage3
+from zshard.train._swap import SwapArray
 from zshard.train.config import ZshardConfig, load_config
+from zshard.train.offload import Offload, OffloadError, any_rank, offload_bytes
 from zshard.train.optim import FlatOptimizer, build_optimizer
 from zshard.train.precision import LossScaler, module_dtype
 from zshard.train.schedule import lr_at
@@ -73,10 +79,6 @@ class Engine:
         model_factory: Callable[[], nn.Module] | None = None,
     ) -> None:
         cfg = self.config = config
-        if cfg.zero.offload_optimizer is not None or cfg.zero.offload_param is not None:
-            raise ConfigError(
-                "zero.offload_optimizer / zero.offload_param: offload is not implemented yet"
-            )
         if (model is None) == (model_factory is None):
             raise InvalidArgumentError("initialize: give exactly one of model and model_factory")
         self.device = resolve_device(cfg.dist)
@@ -107,6 +109,10 @@ class Engine:
         assert model is not None
         self.module = model
         self.param_names, self.ties = _build.canonical_parameters(model)
+        self._offload: Offload | None = None
+        if cfg.zero.offload_optimizer is not None or cfg.zero.offload_param is not None:
+            self._offload = self._start_offload()
+        on_built = self._offload.adopt if self._offload is not None else None
         if self.stage == 3:
             with _build.seeded(cfg.train.seed, self.device):
                 self.groups = _build.build_partitioned(
@@ -116,6 +122,7 @@ class Engine:
                     device=self.device,
                     mixed=self.mixed,
                     persistence_threshold=cfg.zero.param_persistence_threshold,
+                    on_built=on_built,
                 )
         else:
             self.groups = _build.build_replicated(
@@ -125,6 +132,7 @@ class Engine:
                 dtype=self.dtype,
                 device=self.device,
                 mixed=self.mixed,
+                on_built=on_built,
             )
         self.param_names, _ = _build.canonical_parameters(model)  # materialising made new objects
         _build.prepare_buffers(
@@ -136,7 +144,9 @@ class Engine:
         self._stage3: Stage3 | None = None
         self._sink: GradSink
         if self.stage == 3:
-            self._stage3 = Stage3(model, self.groups, self.comm, self.device, cfg.zero.prefetch)
+            self._stage3 = Stage3(
+                model, self.groups, self.comm, self.device, cfg.zero.prefetch, self._offload
+            )
             self._stage3.install()
             self._sink = self._stage3
         elif self.stage == 2:
@@ -164,13 +174,37 @@ class Engine:
             sum(g.numel for g in self.groups),
         )
 
+    def _start_offload(self) -> Offload:
+        """Swap spaces checked and created on every rank, before any group is built."""
+        numel = sum(p.numel() for _, p in self.param_names)
+        trainable = sum(p.numel() for _, p in self.param_names if p.requires_grad)
+        need = offload_bytes(
+            self.config.zero,
+            numel=numel,
+            trainable=trainable,
+            world_size=self.world_size,
+            mixed=self.mixed,
+            state_keys=self.optimizer.state_keys,
+            param_itemsize=torch.empty((), dtype=self.dtype).element_size(),
+            async_save=self.config.checkpoint.async_save,
+        )
+        return Offload.create(
+            self.config.zero,
+            comm=self.comm,
+            device=self.device,
+            state_keys=self.optimizer.state_keys,
+            need_bytes=need,
+        )
+
     def _allocate_state(self) -> None:
+        off = self._offload
         for g in self.groups:
             if not g.trainable:
                 continue
-            assert g.master is not None
+            lo, hi = g.update_range
             for key in self.optimizer.state_keys:
-                g.state[key] = torch.zeros_like(g.master, dtype=torch.float32)
+                if off is None or not off.holds(g, key):
+                    g.state[key] = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
             # Stages 0-1 accumulate whole gradients over the window; 2-3 only the partition.
             n = g.padded_numel if self.stage < 2 else g.partition_numel
             g.grad = torch.zeros(n, dtype=self.grad_dtype, device=self.device)
@@ -268,28 +302,61 @@ class Engine:
         coef = min(1.0, clip / (self.grad_norm + 1e-6)) if clip > 0 else 1.0  # torch's rule
         lr = self.lr
         self.optimizer_steps += 1
+        if self._offload is not None:
+            self._offloaded_update(trainable, unscale * coef, lr)
+        else:
+            for g in trainable:
+                grad = g.grad_for_update()
+                grad = (
+                    grad.mul_(unscale * coef)
+                    if grad.dtype == torch.float32
+                    else grad.float().mul_(unscale * coef)
+                )
+                assert g.master is not None
+                self.optimizer.update(g.master, grad, g.state, step=self.optimizer_steps, lr=lr)
+                self._copy_master(g)
         for g in trainable:
-            grad = g.grad_for_update()
-            grad = (
-                grad.mul_(unscale * coef)
-                if grad.dtype == torch.float32
-                else grad.float().mul_(unscale * coef)
-            )
-            assert g.master is not None
-            self.optimizer.update(g.master, grad, g.state, step=self.optimizer_steps, lr=lr)
-            self._write_back(g)
+            self._share_partition(g)
         if self._stage3 is not None:
             self._stage3.refresh_persistent()
+            self._stage3.after_step()
         self.scaler.update(overflow=False)
         return True
 
-    def _write_back(self, g: FlatParamGroup) -> None:
-        """Module dtype partition <- master, then (stages 1-2) every rank's partition to all."""
+    def _offloaded_update(self, trainable: list[FlatParamGroup], scale: float, lr: float) -> None:
+        """The step streamed through offloaded state (offload.py); every rank learns whether any
+        failed before the all-gathers, so none is left waiting for a peer that gave up."""
+        assert self._offload is not None
+        error: BaseException | None = None
+        try:
+            self._offload.update(
+                trainable,
+                {g.name: g.grad_for_update() for g in trainable},
+                scale,
+                self.optimizer,
+                step=self.optimizer_steps,
+                lr=lr,
+            )
+        except ZshardError as e:
+            error = e
+        if any_rank(self.comm, self.device, error is not None):
+            if error is not None:
+                raise error
+            raise OffloadError(
+                f"rank {self.rank}: optimizer step {self.optimizer_steps}: another rank's "
+                "offloaded state I/O failed; restart from the last checkpoint"
+            )
+
+    def _copy_master(self, g: FlatParamGroup) -> None:
+        """Module dtype partition <- master (a no-op when the master is the parameters)."""
         assert g.master is not None and g.param_part is not None
         if not g.master_is_param:
             (g.flat if self.stage == 0 else g.param_part).copy_(g.master)  # type: ignore[union-attr]
+
+    def _share_partition(self, g: FlatParamGroup) -> None:
+        """Stages 1-2: every rank's updated partition to all (in column buckets)."""
         if self.stage in (1, 2) and self.comm.distributed:
-            assert g.flat is not None
+            assert g.flat is not None and g.param_part is not None
             n, p = self.world_size, g.partition_numel
             columns = max(1, self.config.zero.allgather_bucket_size // n)
             by_rank = g.flat.view(n, p)
@@ -329,14 +396,21 @@ class Engine:
                 s3.release_all()
 
     def _write_back_edits(self, before: dict[str, torch.Tensor], modifier_rank: int | None) -> None:
+        off = self._offload
         for g in self.groups:
-            assert g.flat is not None and g.param_part is not None
+            assert g.flat is not None
             if modifier_rank is not None:
                 self.comm.broadcast(g.flat, modifier_rank)
             if self.stage == 3:
                 lo, hi = g.partition_range
-                old, new = g.param_part.clone(), g.flat[lo:hi]
-                g.param_part.copy_(new)
+                new = g.flat[lo:hi]
+                if off is not None and off.holds(g, "param"):
+                    old = off.read_full(g, "param").to(self.device)
+                    off.fill(g, "param", _slicer(new))
+                else:
+                    assert g.param_part is not None
+                    old = g.param_part.clone()
+                    g.param_part.copy_(new)
             elif g.name in before:
                 lo, hi = g.update_range
                 old, new = before[g.name], g.flat[lo:hi]
@@ -344,14 +418,21 @@ class Engine:
                 continue
             if g.trainable and not g.master_is_param:
                 # Only edited elements replace the master: the rest keep their fp32 bits.
-                assert g.master is not None
                 changed = new != old
-                g.master[changed] = new[changed].float()
+                if off is not None and off.holds(g, "master"):
+                    off.modify(g, "master", _edits(new, changed))
+                else:
+                    assert g.master is not None
+                    g.master[changed] = new[changed].float()
 
     # -- accounting and checkpoint access --------------------------------------------------------
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes of model state this rank holds, by category (tensor accounting)."""
+        """Bytes of model state this rank holds, by category (tensor accounting).
+
+        With offload, ``offload_buffers`` (its sub-group slots and fetched parameter partitions)
+        count in ``total``; ``offloaded`` is what it keeps in host memory or swap files instead,
+        not in ``total``."""
         params = grads = master = optim = 0
         for g in self.groups:
             params += numel_bytes(g.flat) + (numel_bytes(g.param_part) if self.stage == 3 else 0)
@@ -359,33 +440,46 @@ class Engine:
             master += 0 if g.master_is_param else numel_bytes(g.master)
             optim += sum(numel_bytes(t) for t in g.state.values())
         buffers = sum(numel_bytes(b) for b in self.module.buffers())
+        off = self._offload.memory() if self._offload is not None else {}
+        slots = off.get("offload_buffers", 0)
         return {
             "params": params,
             "grads": grads,
             "master": master,
             "optimizer": optim,
-            "total": params + grads + master + optim,
+            "offload_buffers": slots,
+            "total": params + grads + master + optim + slots,
             "buffers": buffers,
+            # Off the rank: host memory (device cpu) or swap files (nvme); not in the total.
+            "offloaded": off.get("offloaded", 0),
         }
 
     def state_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
-        """This rank's partition (P,) of every (flat group, state kind): exactly its shards."""
+        """This rank's partition (P,) of every (flat group, state kind) held in memory (offload
+        device ``cpu`` included): exactly its shards. Kinds offloaded to files are in
+        :meth:`offloaded_shards` instead."""
         out: dict[tuple[str, str], torch.Tensor] = {}
+        host = self._offload.host_tensors() if self._offload is not None else {}
         for g in self.groups:
-            assert g.param_part is not None
-            out[(g.name, "param")] = g.param_part
+            if g.param_part is not None:
+                out[(g.name, "param")] = g.param_part
             if not g.trainable:
                 continue
             lo, hi = g.partition_range
             base = g.update_range[0]
-            assert g.master is not None
-            if not g.master_is_param:
+            if not g.master_is_param and g.master is not None:
                 out[(g.name, "master")] = g.master[lo - base : hi - base]
             for key, t in g.state.items():
                 out[(g.name, key)] = t[lo - base : hi - base]
+        out.update(host)
         for bg in self.buffer_groups:
             out[(bg.name, "buffer")] = bg.partition()
         return out
+
+    def offloaded_shards(self) -> dict[tuple[str, str], SwapArray]:
+        """Partitions kept in swap files (offload device ``nvme``), by (flat group, kind); each
+        is a store shard of the checkpoint's geometry, so a save copies it byte for byte."""
+        return self._offload.file_arrays() if self._offload is not None else {}
 
     def train_state(self) -> dict[str, Any]:
         """Non-tensor state for the checkpoint manifest (JSON)."""
@@ -463,5 +557,21 @@ class Engine:
         self._hook_handles.clear()
         if self._stage3 is not None:
             self._stage3.remove()
+        if self._offload is not None:
+            self._offload.close()
         if destroy_process_group:
             self.comm.close()
+
+
+def _slicer(src: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    return lambda a, b: src[a:b]
+
+
+def _edits(new: torch.Tensor, changed: torch.Tensor) -> Callable[[torch.Tensor, int, int], None]:
+    """Apply the edited elements of ``new`` (where ``changed``) to a window [a, b) of a master."""
+
+    def edit(window: torch.Tensor, a: int, b: int) -> None:
+        mask = changed[a:b].to(window.device)
+        window[mask] = new[a:b].to(window.device)[mask].float()
+
+    return edit

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -346,8 +346,9 @@ def model_stats(cfg: ZshardConfig) -> ModelStats:
     )
 
 
-def _offloaded(block: Mapping[str, Any] | None) -> bool:
-    return block is not None and str(block.get("device", "cpu")).lower() != "none"
+def _offloaded(block: Any) -> bool:
+    # The config turns `device: none` into None: any block present offloads.
+    return block is not None
 
 
 def from_config(

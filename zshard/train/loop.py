@@ -73,7 +73,16 @@ class MetricsLog:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak RSS. ``ru_maxrss`` is not used where ``VmHWM`` exists: Linux
+    carries the parent's high-water mark into a forked child, so launched workers over-report."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:

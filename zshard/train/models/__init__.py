@@ -25,6 +25,7 @@ __all__ = [
     "ModelAndData",
     "build_model",
     "gpt",
+    "hf",
     "make_model",
     "num_params",
 ]
@@ -52,7 +53,14 @@ def gpt(*, activation_checkpointing: bool = False, **kwargs: Any) -> GPT:
     return build_model(GPTConfig(**kwargs), activation_checkpointing=activation_checkpointing)
 
 
-MODELS: dict[str, Callable[..., Any]] = {"gpt": gpt}
+def hf(**kwargs: Any) -> nn.Module:
+    """Hugging Face transformers causal LM from a config (``zshard.train.models.hf``)."""
+    from zshard.train.models.hf import hf as build_hf
+
+    return build_hf(**kwargs)
+
+
+MODELS: dict[str, Callable[..., Any]] = {"gpt": gpt, "hf": hf}
 
 
 def _import_provider(name: str) -> Callable[..., Any]:
