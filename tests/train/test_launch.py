@@ -208,3 +208,53 @@ def test_worker_crash_shows_the_failing_rank_once_and_keeps_the_last_checkpoint(
     r = CheckpointReader.open(str(ckpt))
     assert r.manifest.step == 3
     assert zshard("verify", str(ckpt)).returncode == 0
+
+
+# Shaped after DeepSpeed's documented ZeRO-2 example config (batch, fp32 AdamW, WarmupLR,
+# bucket sizes), plus two keys zshard has no use for.
+DEEPSPEED_ZERO2 = {
+    "train_batch_size": 12,
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 3,
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8}},
+    "scheduler": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 2},
+    },
+    "zero_optimization": {
+        "stage": 2,
+        "allgather_bucket_size": 200000000,
+        "reduce_bucket_size": 200000000,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    },
+    "steps_per_print": 10,
+    "wall_clock_breakdown": False,
+}
+
+
+def test_a_deepspeed_config_trains(tmp_path: Path) -> None:
+    ckpt = tmp_path / "run"
+    cfg = write_config(
+        tmp_path,
+        ckpt,
+        """
+        model: {name: gpt, args: {n_layer: 1, n_head: 2, d_model: 32}}
+        data: {name: builtin, seq_len: 32}
+        train: {steps: 3, log_every: 1}
+        checkpoint: {dir: CKPT}
+        """,
+    )
+    ds = tmp_path / "ds_config.json"
+    ds.write_text(json.dumps(DEEPSPEED_ZERO2))
+    proc = zshard("train", str(cfg), "--nproc", "2", "--deepspeed-config", str(ds))
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("zshard: warning:")]
+    assert len(warnings) == 1 and "steps_per_print" in warnings[0], proc.stderr
+    r = CheckpointReader.open(str(ckpt))
+    assert (r.manifest.step, r.manifest.layout.world_size, r.manifest.layout.stage) == (3, 2, 2)
+    train_state = r.manifest.state["config"]
+    assert train_state["optimizer"]["name"] == "adamw" and train_state["grad_clip"] == 1.0
+    lines = (ckpt / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
