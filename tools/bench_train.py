@@ -3,7 +3,7 @@
 Run from the repository root (tables go to stdout as markdown; progress to stderr)::
 
     python tools/bench_train.py                    # 57M GPT, 12 methods x 2 rounds, ~11-16 min
-    python tools/bench_train.py --quick            # tiny model, 2 steps, every method: ~1-2 min
+    python tools/bench_train.py --quick            # tiny model, 2 steps, every method: ~1-3 min
     python tools/bench_train.py --methods zshard-2,ddp --rounds 3 --json out.json
     python tools/bench_train.py --profile zshard-3 # torch.profiler + cProfile of one step, rank 0
 

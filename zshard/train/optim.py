@@ -48,6 +48,9 @@ class FlatOptimizer(Protocol):
     def hyperparams(self) -> dict[str, Any]: ...
 
 
+_UPDATE_WINDOW = 1 << 20  # elements per optimizer-update window
+
+
 @dataclass(frozen=True)
 class Adam:
     """Adam; ``decoupled=True`` is AdamW (decay applied to the weights, not the gradient)."""
@@ -85,8 +88,16 @@ class Adam:
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        # The denominator goes through one window-sized scratch buffer: a whole-partition
+        # temporary would cost another partition of memory every step (same ops, same bits).
+        p, m, v = param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
+        n = v.numel()
+        scratch = torch.empty(min(n, _UPDATE_WINDOW), dtype=v.dtype, device=v.device)
+        for lo in range(0, n, _UPDATE_WINDOW):
+            hi = min(lo + _UPDATE_WINDOW, n)
+            denom = torch.sqrt(v[lo:hi], out=scratch[: hi - lo])
+            denom.div_(bias_correction2_sqrt).add_(self.eps)
+            p[lo:hi].addcdiv_(m[lo:hi], denom, value=-lr / bias_correction1)
 
     def hyperparams(self) -> dict[str, Any]:
         return {"betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
