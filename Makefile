@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test,s3,interop]"
+	$(BIN)/pip install --quiet -e ".[test,s3]"
 	touch $@
 
 venv: $(BIN)/.installed
