@@ -255,7 +255,7 @@ def io_round(directory: str, nbytes: int, swap_first: bool) -> dict[str, float]:
 
     from zshard.store.dtypes import dtype
     from zshard.store.layout import FlatGroup, plan_partition
-    from zshard.train._swap import ScratchStorage, SwapArray
+    from zshard.train.offload._swap import ScratchStorage, SwapArray
 
     numel = nbytes // 4
     data = np.random.default_rng(0).standard_normal(numel, dtype=np.float32)

@@ -263,7 +263,7 @@ DISCUSSION = """
   the worker group on the previous attempt's TCPStore without a per-attempt key prefix, so the
   restarted workers read the dead workers' gloo addresses ("Gloo connectFullMesh failed ...
   Connection refused") and every restart failed. On one node the launcher now restarts
-  `torch.distributed.run` itself, each attempt with a fresh store (`zshard/train/launch.py`);
+  `torch.distributed.run` itself, each attempt with a fresh store (`zshard/train/run/_launch.py`);
   bad input is not retried.
 - **Stale listings on S3**: s3fs answers `exists`/`ls` from listings cached in the process and
   invalidates them only on its own writes. A reader (or rank 0 checking the other ranks'

@@ -278,7 +278,7 @@ def train(
     ] = None,
 ) -> None:
     """Train with ZeRO stages 0-3 on N worker processes (torch.distributed.run)."""
-    from zshard.train.launch import LaunchConfig, launch
+    from zshard.train.run import LaunchConfig, launch
 
     opts = LaunchConfig(
         nproc=nproc,
@@ -352,8 +352,8 @@ def estimate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Per-rank memory of model states for ZeRO stages 0-3, and the lowest stage that fits."""
-    from zshard.train.estimate import build_input, render
-    from zshard.train.estimate import estimate as run_estimate
+    from zshard.train.report import build_input, render
+    from zshard.train.report import estimate as run_estimate
 
     inp = build_input(
         config=config,
@@ -404,7 +404,7 @@ def plot(
     overwrite: Overwrite = False,
 ) -> None:
     """Plot loss, learning rate, throughput and memory of one or more runs (needs matplotlib)."""
-    from zshard.train.plot import plot_runs
+    from zshard.train.report import plot_runs
 
     drawn = plot_runs(runs, out, overwrite=overwrite)
     typer.echo(f"wrote {out} ({len(drawn)} run(s))")

@@ -5,9 +5,16 @@
 Each world size is one group of spawned processes (``DS_ACCELERATOR=cpu``, gloo on 127.0.0.1);
 inside it several :class:`Job` s run one after another (a fresh DeepSpeed engine each), so a
 test session pays DeepSpeed's start-up once per world size. A job trains ``steps`` steps, saves
-``OUT/<job.name>`` (tag ``global_step<steps>``), then trains ``more`` steps and records those
-losses: the curve a resumed run must continue. Batches come from :func:`batch`, so another
-trainer can replay them.
+``OUT/<job.name>`` (tag ``global_step<steps>``; also after each step count in ``saves``, so the
+save directory can hold several tags), then trains ``more`` steps and records those losses: the
+curve a resumed run must continue. Batches come from :func:`batch`, so another trainer can
+replay them.
+
+With ``reference_dir``, every save also asks the live engine for DeepSpeed's own view of each
+trainable parameter (``safe_get_full_fp32_param``, ``safe_get_full_optimizer_state``) and writes
+it to ``reference_dir/<job>/<tag>.optim.safetensors``; ``job.json`` then records, per tag, the
+optimizer's step counter and loss scale. ``tools/make_deepspeed_fixtures.py`` builds the
+committed test fixtures this way.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 VOCAB, DIM, SEQ, MICRO = 61, 30, 7, 3  # odd sizes: partitions cut tensors unevenly
+MINI = {"vocab": 37, "dim": 17, "hidden": 23}  # the committed fixtures' model: 1774 parameters
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-2, 0.01, 1.0
 
 
@@ -80,8 +88,13 @@ class Job:
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     steps: int = 2
     more: int = 0
-    model: str = "tiny"  # tiny | wide
+    model: str = "tiny"  # tiny | mini | wide
     params: int = 100_000_000
+    saves: tuple[int, ...] = ()  # earlier step counts to save at too (tag global_step<n>)
+
+    @property
+    def save_steps(self) -> list[int]:
+        return sorted({*self.saves, self.steps})
 
 
 def batch(step: int, rank: int, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +107,11 @@ def batch(step: int, rank: int, vocab: int = VOCAB) -> tuple[torch.Tensor, torch
 
 def build(job: Job) -> nn.Module:
     torch.manual_seed(0)
-    return TinyTied() if job.model == "tiny" else Wide(job.params)
+    if job.model == "tiny":
+        return TinyTied()
+    if job.model == "mini":
+        return TinyTied(**MINI)
+    return Wide(job.params)
 
 
 def ds_config(job: Job) -> dict[str, Any]:
@@ -116,7 +133,40 @@ def ds_config(job: Job) -> dict[str, Any]:
     return cfg
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[Job], out: str, q: Any) -> None:
+def _reference_state(engine: Any, path: str | None) -> dict[str, Any]:
+    """DeepSpeed's own full fp32 view of every trainable parameter after a save, through its
+    public accessors (collective: every rank calls, rank 0 writes ``path``), and the counters
+    that resuming must restore."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        tensors[f"master.{name}"] = safe_get_full_fp32_param(p).detach().float().clone()
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = safe_get_full_optimizer_state(p, key)
+            tensors[f"{key}.{name}"] = t.detach().float().clone()
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    steps = {int(st["step"]) for st in base.state.values() if "step" in st}
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    scale = getattr(scaler, "cur_scale", None)
+    if path is not None and torch.distributed.get_rank() == 0:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return {
+        "step": int(engine.global_steps),
+        "optimizer_step": steps.pop() if len(steps) == 1 else sorted(steps),
+        "skipped_steps": int(engine.skipped_steps),
+        "loss_scale": float(scale) if scale is not None else None,
+    }
+
+
+def _worker(
+    rank: int, world: int, port: int, jobs: list[Job], out: str, q: Any, reference_dir: str | None
+) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -143,14 +193,25 @@ def _worker(rank: int, world: int, port: int, jobs: list[Job], out: str, q: Any)
         results = {}
         for job in jobs:
             model = build(job)
-            vocab = VOCAB if job.model == "tiny" else model.emb.num_embeddings
+            vocab = model.emb.num_embeddings
             trainable = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(job))
+            save_dir = os.path.join(out, job.name)
+            save_steps = job.save_steps
+            tags: dict[str, Any] = {}
+
+            def save(step: int) -> None:
+                tag = f"global_step{step}"
+                engine.save_checkpoint(save_dir, tag=tag)
+                if reference_dir is not None:
+                    path = os.path.join(reference_dir, job.name, f"{tag}.optim.safetensors")
+                    tags[tag] = _reference_state(engine, path)  # noqa: B023
+
             losses = []
             for step in range(job.steps + job.more):
-                if step == job.steps:
-                    engine.save_checkpoint(os.path.join(out, job.name))
+                if step in save_steps:
+                    save(step)
                 x, y = batch(step, rank, vocab)
                 loss = engine(x, y)
                 engine.backward(loss)
@@ -158,9 +219,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[Job], out: str, q: Any)
                 t = loss.detach().float().reshape(1)
                 torch.distributed.all_reduce(t)
                 losses.append(float(t.item()) / world)
-            if job.more == 0:
-                engine.save_checkpoint(os.path.join(out, job.name))
-            results[job.name] = losses[job.steps :]
+            if job.steps + job.more in save_steps:
+                save(job.steps + job.more)
+            results[job.name] = {"losses": losses, "tags": tags}
             engine.destroy()
             del engine, opt, model
         q.put((rank, True, results))
@@ -170,9 +231,17 @@ def _worker(rank: int, world: int, port: int, jobs: list[Job], out: str, q: Any)
         q.put((rank, False, traceback.format_exc()))
 
 
-def make(out: str, world_size: int, jobs: list[Job], timeout: float = 600.0) -> dict[str, Any]:
-    """Run ``jobs`` on ``world_size`` fresh processes; returns ``{job: losses after the save}``
-    and writes ``OUT/<job>/job.json``."""
+def make(
+    out: str,
+    world_size: int,
+    jobs: list[Job],
+    timeout: float = 600.0,
+    reference_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run ``jobs`` on ``world_size`` fresh processes; returns ``{job: losses after the last
+    save}`` and writes ``OUT/<job>/job.json`` (``losses``: after the last save; ``losses_by_step``:
+    every step's, so a run resumed from any tag ``global_step<n>`` must follow
+    ``losses_by_step[n:]``)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -183,7 +252,9 @@ def make(out: str, world_size: int, jobs: list[Job], timeout: float = 600.0) -> 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, jobs, out, q), daemon=True)
+        ctx.Process(
+            target=_worker, args=(r, world_size, port, jobs, out, q, reference_dir), daemon=True
+        )
         for r in range(world_size)
     ]
     for p in procs:
@@ -200,10 +271,21 @@ def make(out: str, world_size: int, jobs: list[Job], timeout: float = 600.0) -> 
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    done = {}
     for job in jobs:
+        got = results[0][job.name]
+        done[job.name] = got["losses"][job.steps :]
+        record = {
+            **asdict(job),
+            "world_size": world_size,
+            "losses": done[job.name],
+            "losses_by_step": got["losses"],
+        }
+        if got["tags"]:
+            record["tags"] = got["tags"]
         with open(os.path.join(out, job.name, "job.json"), "w") as f:
-            json.dump({**asdict(job), "world_size": world_size, "losses": results[0][job.name]}, f)
-    return results[0]
+            json.dump(record, f, indent=1)
+    return done
 
 
 def main(argv: list[str] | None = None) -> None:

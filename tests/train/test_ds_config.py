@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 from zshard.errors import ConfigError
-from zshard.train.config import OffloadOptimizerConfig, OffloadParamConfig, load_config
-from zshard.train.ds_config import (
+from zshard.train.config import (
+    OffloadOptimizerConfig,
+    OffloadParamConfig,
     apply_deepspeed,
     from_deepspeed,
+    load_config,
     load_with_deepspeed,
     prefetch_modules,
     warning_line,

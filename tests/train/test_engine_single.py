@@ -11,11 +11,9 @@ from torch import nn
 
 import zshard.train as zt
 from zshard.errors import InvalidArgumentError
-from zshard.train.checkpoint import CheckpointMismatchError
 from zshard.train.config import LossScaleConfig, OptimizerConfig, SchedulerConfig
-from zshard.train.optim import build_optimizer
-from zshard.train.precision import LossScaler
-from zshard.train.schedule import lr_at
+from zshard.train.engine import CheckpointMismatchError
+from zshard.train.optim import LossScaler, build_optimizer, lr_at
 
 try:
     from tests.train import _engine_cases as cases

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from zshard.cli import app, main
 from zshard.errors import ZshardError
-from zshard.train.estimate import (
+from zshard.train.models import GPT, GPTConfig, num_params
+from zshard.train.report._estimate import (
     EstimateInput,
     ModelStats,
     build_input,
@@ -24,7 +25,6 @@ from zshard.train.estimate import (
     parse_memory,
     per_rank,
 )
-from zshard.train.models import GPT, GPTConfig, num_params
 
 from ._dist import run_ranks
 

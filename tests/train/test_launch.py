@@ -153,7 +153,7 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path) -> None:
     before = tree(ckpt)
     proc = zshard("train", str(cfg), "--nproc", "2", "--set", "model.args.d_model=48", timeout=60)
     assert proc.returncode == 2
-    assert "different model" in proc.stderr and "checkpoint (96, 32)" in proc.stderr
+    assert "different model" in proc.stderr and "checkpoint [96, 32], model [96, 48]" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert tree(ckpt) == before
 

@@ -23,9 +23,8 @@ from zshard.errors import CorruptDataError, StorageError
 from zshard.store.root import committed_steps
 from zshard.store.storage import open_storage
 from zshard.store.verify import verify
-from zshard.train import _swap
-from zshard.train.launch import preflight
-from zshard.train.offload import OffloadError
+from zshard.train.offload import OffloadError, _swap
+from zshard.train.run import preflight
 
 try:
     from tests.train import _engine_cases as cases
@@ -247,7 +246,7 @@ def test_unwritable_path_fails_before_training(tmp_path: Any) -> None:
 
 
 def test_not_enough_space_fails_before_training(tmp_path: Any, monkeypatch: Any) -> None:
-    import zshard.train.offload as offload
+    import zshard.train.offload._preflight as offload
 
     real = shutil.disk_usage
     monkeypatch.setattr(offload.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))

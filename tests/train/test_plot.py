@@ -12,8 +12,8 @@ import pytest
 
 from zshard.cli import main
 from zshard.errors import InvalidArgumentError, OutputExistsError
-from zshard.train import plot as plot_mod
-from zshard.train.plot import load_run, plot_runs
+from zshard.train.report import _plot as plot_mod
+from zshard.train.report import load_run, plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,126 +11,19 @@ a bad file fails at start-up with the dotted key, the allowed values and the val
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
-import re
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
-
-import yaml
+from typing import Any, ClassVar, Literal
 
 from zshard.errors import ConfigError
+from zshard.train.config._section import _Section, _to_plain
 
 log = logging.getLogger("zshard.train")
 
 Precision = Literal["fp32", "bf16", "fp16"]
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 DEFAULT_MICRO_BATCH_SIZE = 8  # used only when no two of the three batch sizes are given
-
-
-def _type_name(hint: Any) -> str:
-    if get_origin(hint) is Literal:
-        return "one of " + ", ".join(str(a) for a in get_args(hint))
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a field's type hint; return it normalised (int -> float, list ->
-    tuple). Raise ConfigError naming ``key``, the expected type and the value."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        choices = get_args(hint)
-        # `True == 1` in Python: never let a YAML boolean select stage 1.
-        if not isinstance(value, bool) and value in choices:
-            return value
-        raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
-    if origin in (Union, types.UnionType):
-        args = get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint in (int, float) and isinstance(value, str) and _NUMBER.match(value.strip()):
-        # YAML 1.1 reads `5e8` (no dot) as a string; users mean the number.
-        return _coerce(float(value), hint, key)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        # YAML reads 5e8 as a float: accept integral floats for element counts.
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is dict:
-        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-            return dict(value)
-    elif origin is tuple:
-        args = get_args(hint)
-        if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == len(args):
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-    elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if isinstance(value, (Mapping, str)) and issubclass(hint, _Section):
-            return _build(hint, value, key)
-    else:  # pragma: no cover - a field type this module does not handle is a bug here
-        raise TypeError(f"unsupported config field type {hint!r} for {key}")
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Section:
-    """Base of every section: type-checks fields against their hints, then ``_check()``."""
-
-    _section: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints[f.name], self._key(f.name))
-            object.__setattr__(self, f.name, value)
-        self._check()
-
-    def _key(self, name: str) -> str:
-        return f"{self._section}.{name}" if self._section else name
-
-    @classmethod
-    def _translate(cls, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-        """Raw keys -> field keys before building (foreign spellings); identity by default."""
-        return dict(data)
-
-    def _check(self) -> None:
-        """Range checks and cross-field rules of one section."""
-
-    def _positive(self, *names: str, allow_zero: bool = False) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if value < 0 or (value == 0 and not allow_zero):
-                bound = ">= 0" if allow_zero else "> 0"
-                raise ConfigError(f"{self._key(name)}: expected a number {bound}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,6 +193,7 @@ class PrecisionConfig(_Section):
     """
 
     _section: ClassVar[str] = "precision"
+    _shorthand: ClassVar[str | None] = "dtype"
     dtype: Precision = "fp32"
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     grad_accum_dtype: Literal["param", "fp32"] = "param"
@@ -382,6 +276,7 @@ class OffloadOptimizerConfig(_OffloadSection):
     """
 
     _section: ClassVar[str] = "zero.offload_optimizer"
+    _shorthand: ClassVar[str | None] = "device"
     _noops: ClassVar[dict[str, str]] = {
         "pipeline_read": "zshard always reads the next sub-group ahead",
         "pipeline_write": "zshard always writes sub-groups back in the background",
@@ -402,6 +297,7 @@ class OffloadParamConfig(_OffloadSection):
     released after. Up to ``max_in_memory`` elements of fetched partitions stay cached."""
 
     _section: ClassVar[str] = "zero.offload_param"
+    _shorthand: ClassVar[str | None] = "device"
     _renamed: ClassVar[dict[str, str]] = {"nvme_path": "path", "max_in_cpu": "max_in_memory"}
     _noops: ClassVar[dict[str, str]] = {
         "buffer_size": "zshard sizes fetch buffers to each module's partition",
@@ -457,6 +353,7 @@ class CheckpointConfig(_Section):
     """
 
     _section: ClassVar[str] = "checkpoint"
+    _aliases: ClassVar[dict[str, str]] = {"async": "async_save"}
     dir: str | None = None
     every: int = 0  # steps; 0 = only when asked
     keep_last: int = 0  # 0 = keep all
@@ -509,6 +406,16 @@ class ZshardConfig(_Section):
     def total_steps(self) -> int:
         return self.scheduler.total_steps or self.train.steps
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the model provider is called with: ``model.args``, and for the
+        built-in GPT the sequence length and activation checkpointing of this config unless
+        ``model.args`` sets them."""
+        kwargs = dict(self.model.args)
+        if self.model.name == "gpt":
+            kwargs.setdefault("seq_len", self.data.seq_len)
+            kwargs.setdefault("activation_checkpointing", self.train.activation_checkpointing)
+        return kwargs
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML types; ``load_config(cfg.to_dict())`` gives an equal config."""
         out: dict[str, Any] = _to_plain(self)
@@ -516,126 +423,3 @@ class ZshardConfig(_Section):
 
 
 # -- loading ------------------------------------------------------------------------------------
-
-# YAML keys that differ from field names (``async`` is a Python keyword).
-_ALIASES: dict[type, dict[str, str]] = {CheckpointConfig: {"async": "async_save"}}
-# Sections that may be given as one string: the field it sets.
-_SHORTHAND: dict[type, str] = {
-    PrecisionConfig: "dtype",
-    OffloadOptimizerConfig: "device",
-    OffloadParamConfig: "device",
-}
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        back = {v: k for k, v in _ALIASES.get(type(obj), {}).items()}
-        return {
-            back.get(f.name, f.name): _to_plain(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-        }
-    if isinstance(obj, (tuple, list)):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _section_hint(hint: Any) -> type[_Section] | None:
-    """The section class of a field typed ``Section`` or ``Section | None``, else None."""
-    for arg in get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,):
-        if isinstance(arg, type) and issubclass(arg, _Section):
-            return arg
-    return None
-
-
-def _build(cls: type[_Section], data: Any, prefix: str) -> Any:
-    where = prefix or "config"
-    if isinstance(data, str) and cls in _SHORTHAND:
-        data = {_SHORTHAND[cls]: data}  # `precision: bf16`, `offload_optimizer: cpu`
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    data = cls._translate(data, where)
-    aliases = _ALIASES.get(cls, {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = aliases.get(raw_key, raw_key)
-        dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
-        if key not in fields:
-            shown = {v: k for k, v in aliases.items()}
-            allowed = sorted(shown.get(name, name) for name in fields)
-            raise ConfigError(f"{dotted}: unknown key; expected one of {', '.join(allowed)}")
-        hint = _section_hint(hints[key])
-        if hint is not None and (value is not None or hint is hints[key]):
-            kwargs[key] = _build(hint, value, dotted)
-        else:
-            kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - fields are checked above
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _set_dotted(tree: dict[str, Any], override: str) -> None:
-    key, sep, raw = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected 'dotted.key=value'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from None
-    parts = key.split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if isinstance(child, str) and part in ("precision", "offload_optimizer", "offload_param"):
-            child = {"dtype" if part == "precision" else "device": child}
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def load_config(
-    source: str | os.PathLike[str] | Mapping[str, Any] | ZshardConfig | None = None,
-    overrides: Sequence[str] = (),
-) -> ZshardConfig:
-    """Build a validated :class:`ZshardConfig`.
-
-    Args:
-        source: a YAML file path, a nested dict, a config, or None for the defaults.
-        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars
-            (``zero.stage=3``, ``optimizer.betas=[0.9,0.95]``, ``checkpoint.dir=s3://b/run``).
-    """
-    if source is None:
-        tree: dict[str, Any] = {}
-    elif isinstance(source, ZshardConfig):
-        tree = source.to_dict()
-    elif isinstance(source, Mapping):
-        tree = _to_plain(dict(source))
-    else:
-        path = os.fspath(source)
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
-        tree = loaded
-    for override in overrides:
-        _set_dotted(tree, override)
-    cfg: ZshardConfig = _build(ZshardConfig, tree, "")
-    return cfg

@@ -9,7 +9,7 @@ What moves off the rank (``zero.offload_optimizer``, stages 1-3; ``zero.offload_
 
 Device ``cpu`` keeps an array in host memory (:class:`HostArray`, pinned when CUDA is present and
 ``pin_memory`` is set). Device ``nvme`` keeps it as a store shard in this rank's swap space under
-``path`` (:mod:`zshard.train._swap`): a local NVMe directory, ``memory://``, ``s3://``...
+``path`` (:mod:`zshard.train.offload._swap`): a local NVMe directory, ``memory://``, ``s3://``...
 
 The optimizer step streams sub-groups of ``sub_group_size`` elements of each flat group's
 partition through ``buffer_count`` slots: a reader thread fills the next slots (every chunk's
@@ -37,10 +37,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import logging
-import math
 import os
 import queue
-import shutil
 import threading
 import uuid
 from collections import OrderedDict
@@ -54,26 +52,24 @@ from zshard.errors import StorageError, ZshardError
 from zshard.store.dtypes import from_torch
 from zshard.store.layout import FlatGroup
 from zshard.store.reader import to_numpy
-from zshard.store.storage import open_storage
-from zshard.train._flat import FlatParamGroup
-from zshard.train._swap import (
-    ArrayWriter,
-    SwapArray,
-    SwapSpace,
-    local_path,
-    new_run_id,
-    sweep_stale,
-)
 from zshard.train.config import (
     OffloadOptimizerConfig,
     OffloadParamConfig,
     ZeroConfig,
-    ZshardConfig,
 )
+from zshard.train.offload._preflight import check_path, local_ranks, nvme_paths
+from zshard.train.offload._swap import (
+    ArrayWriter,
+    SwapArray,
+    SwapSpace,
+    new_run_id,
+    sweep_stale,
+)
+from zshard.train.zero import FlatParamGroup
 
 if TYPE_CHECKING:
-    from zshard.train._comm import Comm
     from zshard.train.optim import FlatOptimizer
+    from zshard.train.zero import Comm
 
 log = logging.getLogger("zshard.train")
 
@@ -168,93 +164,6 @@ class _Aborted(Exception):
     pass
 
 
-# -- sizes and start-up checks ---------------------------------------------------------------------
-
-
-def offload_bytes(
-    zero: ZeroConfig,
-    *,
-    numel: int,
-    trainable: int,
-    world_size: int,
-    mixed: bool,
-    state_keys: Sequence[str],
-    param_itemsize: int,
-    async_save: bool = False,
-) -> dict[str, int]:
-    """Bytes one rank keeps under each ``nvme`` path (an estimate before the groups exist);
-    doubled with asynchronous saves, which snapshot every swap file while they write."""
-    out: dict[str, int] = {}
-    opt, par = zero.offload_optimizer, zero.offload_param
-    if opt is not None and opt.device == "nvme" and opt.path:
-        kinds = len(state_keys) + (1 if mixed else 0)
-        out[opt.path] = out.get(opt.path, 0) + 4 * kinds * math.ceil(trainable / world_size)
-    if par is not None and par.device == "nvme" and par.path:
-        out[par.path] = out.get(par.path, 0) + param_itemsize * math.ceil(numel / world_size)
-    return {url: n * (2 if async_save else 1) for url, n in out.items()}
-
-
-def _local_ranks() -> int:
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def check_path(key: str, url: str, need_bytes: int) -> None:
-    """One offload path: reachable and writable, and (local) with room for ``need_bytes``."""
-    path = local_path(url)
-    probe = f".zshard-probe-{uuid.uuid4().hex[:12]}"
-    try:
-        if path is not None:
-            os.makedirs(path, exist_ok=True)
-        storage = open_storage(url)
-        storage.write_atomic(probe, b"zshard offload probe\n")
-        if storage.read(probe) != b"zshard offload probe\n":
-            raise StorageError(f"{url}: a probe file read back different bytes")
-        storage.remove_tree(probe)
-    except (ZshardError, OSError) as e:
-        raise StorageError(f"{key} {url}: not usable as swap space: {e}") from None
-    if path is not None and need_bytes:
-        free = shutil.disk_usage(path).free
-        if free < need_bytes:
-            raise StorageError(
-                f"{key} {url}: not enough space: offload needs about {need_bytes / 1e9:.2f} GB "
-                f"here, {free / 1e9:.2f} GB free; free space or choose another path"
-            )
-
-
-def _paths(zero: ZeroConfig) -> dict[str, str]:
-    """nvme path -> the config key naming it (first one)."""
-    out: dict[str, str] = {}
-    for name in ("offload_param", "offload_optimizer"):
-        block = getattr(zero, name)
-        if block is not None and block.device == "nvme" and block.path:
-            out.setdefault(block.path, f"zero.{name}.path")
-    return out
-
-
-def preflight(cfg: ZshardConfig, world_size: int) -> None:
-    """Before launch: every ``nvme`` offload path is writable and has room for all ranks of this
-    node (the model is counted on the meta device)."""
-    paths = _paths(cfg.zero)
-    if not paths:
-        return
-    from zshard.train.estimate import model_stats
-    from zshard.train.optim import build_optimizer
-
-    stats = model_stats(cfg)
-    need = offload_bytes(
-        cfg.zero,
-        numel=stats.params,
-        trainable=stats.trainable,
-        world_size=world_size,
-        mixed=cfg.precision.dtype != "fp32",
-        state_keys=build_optimizer(cfg.optimizer).state_keys,
-        param_itemsize=4 if cfg.precision.dtype == "fp32" else 2,
-        async_save=cfg.checkpoint.async_save,
-    )
-    for url, key in paths.items():
-        check_path(key, url, need.get(url, 0) * world_size)
-
-
 # -- the engine's offload -----------------------------------------------------------------------
 
 
@@ -295,11 +204,11 @@ class Offload:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         run_id = _agreed_run_id(comm, device)
         try:
-            for url, key in _paths(zero).items():
+            for url, key in nvme_paths(zero).items():
                 if int(os.environ.get("LOCAL_RANK", comm.rank)) == 0:
                     with contextlib.suppress(ZshardError, OSError):
                         sweep_stale(url)
-                check_path(key, url, need_bytes.get(url, 0) * _local_ranks())
+                check_path(key, url, need_bytes.get(url, 0) * local_ranks())
                 try:
                     self.spaces[url] = SwapSpace(url, run_id, comm.rank)
                 except (ZshardError, OSError) as e:
@@ -726,11 +635,4 @@ def any_rank(comm: Comm, device: torch.device, flag: bool) -> bool:
     return bool(t.item())
 
 
-__all__ = [
-    "HostArray",
-    "Offload",
-    "OffloadError",
-    "check_path",
-    "offload_bytes",
-    "preflight",
-]
+__all__ = ["HostArray", "Offload", "OffloadError", "any_rank"]

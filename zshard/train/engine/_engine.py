@@ -33,17 +33,23 @@ import torch
 from torch import nn
 
 from zshard.errors import InvalidArgumentError, ZshardError
-from zshard.train import _build
-from zshard.train._comm import Comm, resolve_device
-from zshard.train._flat import FlatBufferGroup, FlatParamGroup, Member, numel_bytes
-from zshard.train._reduce import BucketReducer, GradSink, WindowReducer
-from zshard.train._stage3 import Stage3
-from zshard.train._swap import SwapArray
 from zshard.train.config import ZshardConfig, load_config
-from zshard.train.offload import Offload, OffloadError, any_rank, offload_bytes
-from zshard.train.optim import FlatOptimizer, build_optimizer
-from zshard.train.precision import LossScaler, module_dtype
-from zshard.train.schedule import lr_at
+from zshard.train.engine._checkpoint import Checkpointer
+from zshard.train.offload import Offload, OffloadError, SwapArray, any_rank, offload_bytes
+from zshard.train.optim import FlatOptimizer, LossScaler, build_optimizer, lr_at, module_dtype
+from zshard.train.zero import (
+    BucketReducer,
+    Comm,
+    FlatBufferGroup,
+    FlatParamGroup,
+    GradSink,
+    Member,
+    Stage3,
+    WindowReducer,
+    _build,
+    numel_bytes,
+    resolve_device,
+)
 
 log = logging.getLogger("zshard.train")
 
@@ -99,8 +105,7 @@ class Engine:
         self.optimizer_steps = 0  # updates applied: Adam's step and the LR schedule's clock
         self.skipped_steps = 0
         self.grad_norm: float | None = None  # global norm of the last window's gradients
-        self.last_save_stall_s = 0.0
-        self._saver: Any = None  # checkpoint.AsyncSaver, created on first async save
+        self.checkpointer = Checkpointer(self)
 
         if model_factory is not None:
             model = _build.build_model(
@@ -508,18 +513,29 @@ class Engine:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    @property
+    def offload(self) -> Offload | None:
+        """This rank's offloaded state (None without offload)."""
+        return self._offload
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """backward() calls of the current accumulation window not yet stepped."""
+        return self._window_micro
+
+    @property
+    def last_save_stall_s(self) -> float:
+        """How long the last save blocked training (the snapshot, for an async save)."""
+        return self.checkpointer.last_stall_s
+
     def save(self, root_url: str | None = None, *, extra: Mapping[str, Any] | None = None) -> str:
         """Save a checkpoint under ``root_url`` (default ``checkpoint.dir``); every rank writes its
-        own shards. Returns the step directory's URL. See :mod:`zshard.train.checkpoint`."""
-        from zshard.train import checkpoint
-
-        return checkpoint.save(self, root_url, extra=extra)
+        own shards. Returns the step directory's URL. See :mod:`zshard.train.engine._checkpoint`."""
+        return self.checkpointer.save(root_url, extra=extra)
 
     def load(self, url: str | None = None) -> dict[str, Any]:
         """Load a checkpoint saved at any world size and stage; returns the saved ``extra``."""
-        from zshard.train import checkpoint
-
-        return checkpoint.load(self, url)
+        return self.checkpointer.load(url)
 
     def maybe_save(self, *, extra: Mapping[str, Any] | None = None) -> str | None:
         """Save if ``checkpoint.every`` divides ``global_step`` (and a directory is set)."""
@@ -530,14 +546,11 @@ class Engine:
 
     def resume(self) -> dict[str, Any] | None:
         """Apply ``checkpoint.resume`` (``auto``/``never``/URL); the saved ``extra`` or None."""
-        from zshard.train import checkpoint
-
-        return checkpoint.resume(self)
+        return self.checkpointer.resume()
 
     def wait_for_save(self) -> None:
         """Block until a pending async save has committed (re-raising its error)."""
-        if self._saver is not None:
-            self._saver.wait()
+        self.checkpointer.wait()
 
     # -- conveniences --------------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import torch
 
-from zshard.train._comm import Comm
-from zshard.train._flat import FlatParamGroup, Member
+from zshard.train.zero._comm import Comm
+from zshard.train.zero._flat import FlatParamGroup, Member
 
 
 class GradSink(Protocol):

@@ -33,33 +33,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from zshard.errors import InvalidArgumentError
-from zshard.train.config import Precision, ZshardConfig
+from zshard.train.config import (
+    Precision,
+    ZshardConfig,
+    default_nproc,
+    load_with_deepspeed,
+    stats_of,
+)
+from zshard.train.models.stats import ModelStats
 
 STAGES = (0, 1, 2, 3)
 PARAM_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 OptimizerName = Literal["adamw", "adam", "sgd"]
-# Only Ψ known: a transformer-like model with Ψ ≈ 12·L·d² and d ≈ 128·L (GPT-3's aspect ratio)
-# gives L ≈ (Ψ / 196608)^(1/3) layers; the largest gathered module is taken to be one layer.
-_PARAMS_PER_CUBED_LAYER = 12 * 128 * 128
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelStats:
-    """What the estimate needs to know about a model's parameters (element counts)."""
-
-    params: int  # Ψ: unique parameters (tied ones once)
-    trainable: int  # those with requires_grad: only they have gradients and optimizer state
-    largest_module: int  # parameters owned by the largest module (one stage-3 flat group)
-    persistent: int = 0  # in modules below zero.param_persistence_threshold (whole at stage 3)
-    gathered_modules: tuple[int, ...] = ()  # sizes of the modules stage 3 gathers
-    counted: bool = False  # counted from a built model (True) or assumed from Ψ alone
-
-    @classmethod
-    def assumed(cls, params: int, layers: int | None = None) -> ModelStats:
-        """A transformer-like model of ``params`` parameters: the largest module ~ Ψ / layers."""
-        if layers is None:
-            layers = max(1, round((params / _PARAMS_PER_CUBED_LAYER) ** (1 / 3)))
-        return cls(params=params, trainable=params, largest_module=math.ceil(params / layers))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,44 +293,6 @@ def default_memory_per_rank(world_size: int) -> tuple[int, str]:
     return ram // local, f"this host's RAM / {local} local rank(s)"
 
 
-def model_stats(cfg: ZshardConfig) -> ModelStats:
-    """Count the configured model's parameters on the ``meta`` device (no memory used)."""
-    import torch
-
-    from zshard.train.models import make_model
-
-    args = dict(cfg.model.args)
-    if cfg.model.name == "gpt":  # as the training loop builds it (loop.build)
-        args.setdefault("seq_len", cfg.data.seq_len)
-    with torch.device("meta"):
-        model = make_model(cfg.model.name, **args).model
-    threshold = cfg.zero.param_persistence_threshold
-    seen: set[int] = set()
-    sizes: list[int] = []
-    trainable = 0
-    for module in model.modules():
-        own = 0
-        for p in module._parameters.values():
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            own += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        if own:
-            sizes.append(own)
-    if not sizes:
-        raise InvalidArgumentError(f"model {cfg.model.name!r} has no parameters")
-    gathered = tuple(s for s in sizes if s >= threshold)
-    return ModelStats(
-        params=sum(sizes),
-        trainable=trainable,
-        largest_module=max(sizes),
-        persistent=sum(s for s in sizes if s < threshold),
-        gathered_modules=gathered or (0,),  # all persistent: nothing is gathered
-        counted=True,
-    )
-
-
 def _offloaded(block: Any) -> bool:
     # The config turns `device: none` into None: any block present offloads.
     return block is not None
@@ -362,7 +309,7 @@ def from_config(
     offload_param: bool | None = None,
 ) -> EstimateInput:
     """An estimate input for a training configuration; keyword arguments override it."""
-    stats = model_stats(cfg)
+    stats = stats_of(cfg)
     z = cfg.zero
     notes = [
         f"model {cfg.model.name!r} counted on the meta device; largest module "
@@ -523,8 +470,6 @@ def build_input(
     if config is None and overrides:
         raise InvalidArgumentError("--set applies to a CONFIG only")
     if world_size is None:
-        from zshard.train.launch import default_nproc
-
         world_size = default_nproc()
     mem: int | None
     if memory_per_rank is not None:
@@ -533,8 +478,6 @@ def build_input(
         mem, source = default_memory_per_rank(world_size)
     prec: Any = precision
     if config is not None:
-        from zshard.train.ds_config import load_with_deepspeed
-
         # A `deepspeed:` key in the YAML is honoured as `zshard train` honours it.
         cfg, ignored = load_with_deepspeed(config, overrides, None, world_size)
         inp = from_config(

@@ -2,7 +2,7 @@
 
 Everything that can be checked before any process starts is checked here (the configuration,
 the resume path, that the checkpoint matches the model), so bad input ends in one line and exit
-code 2 with nothing written. Workers run ``zshard.train.loop`` under torch's elastic launcher
+code 2 with nothing written. Workers run ``zshard.train.run._loop`` under torch's elastic launcher
 (rendezvous on 127.0.0.1 by default; several nodes and restarts through its own options).
 """
 
@@ -20,13 +20,13 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from zshard.errors import CheckpointNotFoundError, ConfigError, InvalidArgumentError, ZshardError
+from zshard.errors import CheckpointNotFoundError, ConfigError, InvalidArgumentError
 from zshard.store.lock import RUN_ID_ENV, RootLock
 from zshard.store.reader import CheckpointReader
-from zshard.store.root import latest_name
-from zshard.store.storage import open_storage
-from zshard.train.config import ZshardConfig
-from zshard.train.ds_config import load_with_deepspeed, warning_line
+from zshard.train.config import ZshardConfig, default_nproc, load_with_deepspeed, warning_line
+from zshard.train.engine import check_model_matches, holds_checkpoints, resume_source
+from zshard.train.models import make_model
+from zshard.train.offload import preflight as check_offload
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,12 +48,6 @@ class LaunchConfig:
             raise InvalidArgumentError(f"--max-restarts must be >= 0, got {self.max_restarts}")
 
 
-def default_nproc() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 2
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,54 +57,30 @@ def free_port() -> int:
 def preflight(cfg: ZshardConfig, world_size: int) -> None:
     """Fail before launch on what workers would only discover after start-up."""
     cfg.train.resolved_global_batch(world_size)  # batch arithmetic must work at this size
-    from zshard.train.offload import preflight as check_offload  # torch: imported only here
-
     check_offload(cfg, world_size)  # offload paths writable, reachable, with room
-    resume = cfg.checkpoint.resume
     ckpt_dir = cfg.checkpoint.dir
-    source = None
-    if resume not in ("auto", "never"):
-        source = resume
-    elif resume == "auto" and ckpt_dir and latest_name(open_storage(ckpt_dir)) is not None:
-        source = ckpt_dir
-    elif resume == "never" and ckpt_dir and latest_name(open_storage(ckpt_dir)) is not None:
+    if cfg.checkpoint.resume == "never" and ckpt_dir and holds_checkpoints(ckpt_dir):
         raise ConfigError(
             f"checkpoint.dir {ckpt_dir} already holds checkpoints and checkpoint.resume is "
             "'never'; use resume: auto to continue, or a new checkpoint.dir"
         )
-    if source is not None:
-        try:
-            reader = CheckpointReader.open(source)
-        except CheckpointNotFoundError:
-            raise ConfigError(f"checkpoint.resume: no checkpoint at {source}") from None
-        check_model_matches(cfg, reader)
+    source = resume_source(cfg.checkpoint)
+    if source is None:
+        return
+    try:
+        reader = CheckpointReader.open(source)
+    except CheckpointNotFoundError:
+        raise ConfigError(f"checkpoint.resume: no checkpoint at {source}") from None
+    check_model_matches(reader.url, reader.manifest, _model_shapes(cfg))
 
 
-def check_model_matches(cfg: ZshardConfig, reader: CheckpointReader) -> None:
-    """Compare parameter names and shapes of the configured model with the checkpoint's."""
-    import torch
+def _model_shapes(cfg: ZshardConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name (tied ones included) of the configured model, built on ``meta``."""
+    import torch  # heavy: only when there is a checkpoint to compare with
 
-    from zshard.train.loop import build
-
-    factory, _, _ = build(cfg)
     with torch.device("meta"):
-        model = factory()
-    want = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    have = {t.name: t.shape for t in reader.manifest.tensors if t.kind in ("param", "master")}
-    for alias, target in reader.manifest.ties.items():
-        if target in have:
-            have[alias] = have[target]
-    diffs = []
-    for name in sorted(set(want) | set(have)):
-        if want.get(name) != have.get(name):
-            diffs.append(
-                f"{name}: model {want.get(name, 'absent')}, checkpoint {have.get(name, 'absent')}"
-            )
-    if diffs:
-        more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
-        raise ConfigError(
-            f"checkpoint {reader.url} is from a different model: {'; '.join(diffs[:4])}{more}"
-        )
+        model = make_model(cfg.model.name, **cfg.model_kwargs()).model
+    return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def launch(config_path: str, opts: LaunchConfig) -> int:
@@ -202,7 +172,7 @@ def _run_once(
     else:
         endpoint = opts.rdzv_endpoint or f"127.0.0.1:{free_port()}"
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
-    cmd += ["-m", "zshard.train.loop", config_path]
+    cmd += ["-m", "zshard.train.run._loop", config_path]
     if opts.deepspeed_config:
         cmd += ["--deepspeed-config", os.path.abspath(opts.deepspeed_config)]
     for o in opts.overrides:
@@ -280,4 +250,4 @@ def _tail(path: str) -> str:
 _FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 
 
-__all__ = ["LaunchConfig", "ZshardError", "launch", "preflight"]
+__all__ = ["LaunchConfig", "launch", "preflight"]

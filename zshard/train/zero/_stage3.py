@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from zshard.train._comm import Comm, Work
-from zshard.train._flat import FlatParamGroup, Member
+from zshard.train.zero._comm import Comm, Work
+from zshard.train.zero._flat import FlatParamGroup, Member
 
 _FWD, _BWD = "fwd", "bwd"
 

@@ -1,4 +1,4 @@
-"""The training loop every ``zshard train`` worker runs: ``python -m zshard.train.loop CONFIG``.
+"""The training loop every ``zshard train`` worker runs (``python -m zshard.train.run._loop``).
 
 One optimizer step = ``grad_accum`` micro batches per rank, drawn by global sample index
 (``GlobalBatchSampler``), so a run resumed at another world size trains on the same samples in
@@ -22,11 +22,9 @@ import torch
 import torch.distributed as dist
 
 from zshard.errors import ZshardError
-from zshard.store.root import latest_name
 from zshard.store.storage import open_storage, translate_errors
-from zshard.train.config import ZshardConfig
+from zshard.train.config import ZshardConfig, load_with_deepspeed
 from zshard.train.data import CharDataset, GlobalBatchSampler, collate
-from zshard.train.ds_config import load_with_deepspeed
 from zshard.train.models import make_model
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,10 +32,7 @@ METRICS_FILE = "metrics.jsonl"
 
 def build(cfg: ZshardConfig) -> tuple[Any, Any, Any]:
     """The model factory, the training set and the validation set (None if none)."""
-    model_args = dict(cfg.model.args)
-    if cfg.model.name == "gpt":
-        model_args.setdefault("seq_len", cfg.data.seq_len)
-        model_args.setdefault("activation_checkpointing", cfg.train.activation_checkpointing)
+    model_args = cfg.model_kwargs()
     provided: list[Any] = []
 
     def factory() -> torch.nn.Module:
@@ -117,11 +112,7 @@ def train(cfg: ZshardConfig) -> dict[str, Any]:
     sampler = GlobalBatchSampler(len(dataset), global_batch, cfg.train.seed)
 
     ckpt_dir = cfg.checkpoint.dir
-    resume = cfg.checkpoint.resume
-    if resume == "auto" and ckpt_dir and latest_name(open_storage(ckpt_dir)) is not None:
-        engine.load(ckpt_dir)
-    elif resume not in ("auto", "never"):
-        engine.load(resume)
+    engine.resume()  # checkpoint.resume, decided as the launcher decided it
     start = engine.global_step
     log = MetricsLog(ckpt_dir, fresh=start == 0) if (rank == 0 and ckpt_dir) else None
 
@@ -201,7 +192,7 @@ def record_error(exc: BaseException) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m zshard.train.loop")
+    parser = argparse.ArgumentParser(prog="python -m zshard.train.run._loop")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--deepspeed-config")

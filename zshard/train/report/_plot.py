@@ -22,7 +22,7 @@ from zshard.errors import InvalidArgumentError, OutputExistsError, ZshardError
 from zshard.store.root import parent_url
 from zshard.store.storage import open_storage
 
-METRICS_FILE = "metrics.jsonl"  # as zshard.train.loop writes it
+METRICS_FILE = "metrics.jsonl"  # as zshard.train.run._loop writes it
 FORMATS = ("png", "svg", "pdf")
 _GIB = float(1 << 30)
 

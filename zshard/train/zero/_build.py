@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from zshard.errors import InvalidArgumentError
-from zshard.train._comm import Comm
-from zshard.train._flat import FlatBufferGroup, FlatParamGroup
+from zshard.train.zero._comm import Comm
+from zshard.train.zero._flat import FlatBufferGroup, FlatParamGroup
 
 NamedParams = list[tuple[str, nn.Parameter]]
 

@@ -1,0 +1,546 @@
+"""Engine checkpoints in the zshard store: every rank writes its own partitions, any layout loads.
+
+Saving needs no gathering: each (flat group, state kind) partition a rank holds *is* its shard
+(``plan_partition`` sized both). State kinds: ``param`` (module dtype), ``master`` (fp32, mixed
+precision only), one per optimizer state key, and ``buffer`` (module buffers, packed into their
+own flat groups). Non-tensor state (step counters, optimizer hyperparameters and step, loss
+scaler, scheduler, config, the caller's ``extra`` such as the data position) goes in the
+manifest; each rank's RNG state in its rank state file.
+
+Loading reads, for each flat group, exactly the logical-tensor ranges this rank's layout needs
+(``CheckpointReader.read_torch``), so a checkpoint saved at any world size and stage loads at any
+other. A checkpoint without ``master`` seeds the master from ``param``; one without optimizer
+state (imported weights) starts the optimizer fresh.
+
+Async saves copy the partitions to host memory, then write from a background thread; the next
+save (or ``Engine.wait_for_save``/``close``) waits for it. The time a save blocks training is
+logged and kept in ``Checkpointer.last_stall_s`` (``Engine.last_save_stall_s``).
+
+The engine is reached only through :class:`Checkpointable`; :func:`resume_source` and
+:func:`check_model_matches` are also what the launcher uses before any worker starts.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from zshard.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    ZshardError,
+)
+from zshard.store import (
+    ArrayEntry,
+    CheckpointReader,
+    CheckpointWriter,
+    Layout,
+    TensorEntry,
+    encode_bytes,
+    step_dir_name,
+    to_numpy,
+)
+from zshard.store.dtypes import from_torch
+from zshard.store.root import join_url, latest_name
+from zshard.store.shard import shard_key
+from zshard.store.storage import open_storage
+from zshard.train.config import CheckpointConfig, ZshardConfig
+from zshard.train.offload import Offload, OffloadError, SwapArray
+from zshard.train.optim import FlatOptimizer
+from zshard.train.zero import Comm, FlatBufferGroup, FlatParamGroup
+
+log = logging.getLogger("zshard.train")
+
+
+class CheckpointMismatchError(ZshardError, ValueError):
+    """The checkpoint holds a different model (names or shapes differ)."""
+
+
+class Checkpointable(Protocol):
+    """What checkpointing reads and restores of an engine (:class:`~.Engine` is one)."""
+
+    config: ZshardConfig
+    comm: Comm
+    rank: int
+    world_size: int
+    groups: list[FlatParamGroup]
+    buffer_groups: list[FlatBufferGroup]
+    optimizer: FlatOptimizer
+    ties: dict[str, str]
+
+    @property
+    def stage(self) -> int: ...
+
+    @property
+    def global_step(self) -> int: ...
+
+    @property
+    def offload(self) -> Offload | None: ...
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """Micro batches of the current accumulation window not yet stepped."""
+        ...
+
+    def train_state(self) -> dict[str, Any]: ...
+
+    def load_train_state(self, state: Mapping[str, Any], *, with_optimizer: bool) -> None: ...
+
+    def state_tensors(self) -> dict[tuple[str, str], torch.Tensor]: ...
+
+    def offloaded_shards(self) -> dict[tuple[str, str], SwapArray]: ...
+
+    def zero_grad(self) -> None: ...
+
+
+def resume_source(cfg: CheckpointConfig) -> str | None:
+    """Where ``checkpoint.resume`` says a run starts from: None (fresh: ``never``, or ``auto``
+    with no committed checkpoint in ``checkpoint.dir``), ``checkpoint.dir`` (``auto``), or the
+    URL given. The one place this is decided, for the launcher, the loop and the engine."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return cfg.dir if cfg.dir and holds_checkpoints(cfg.dir) else None
+    return cfg.resume
+
+
+def holds_checkpoints(root_url: str) -> bool:
+    """True when ``root_url`` has a committed checkpoint (its ``latest`` names one)."""
+    return latest_name(open_storage(root_url)) is not None
+
+
+def check_model_matches(
+    url: str,
+    manifest: Any,
+    shapes: Mapping[str, tuple[int, ...]],
+    ties: Mapping[str, str] | None = None,
+) -> None:
+    """Raise :class:`CheckpointMismatchError` unless the checkpoint at ``url`` (its ``manifest``)
+    holds a parameter of the same shape for every name in ``shapes`` and none other.
+
+    Args:
+        shapes: parameter name -> shape of the model (tied names may be given as well).
+        ties: the model's alias -> canonical parameter name, for names not in ``shapes``.
+    """
+    ties = ties or {}
+    saved: dict[str, tuple[int, ...]] = {}
+    for t in manifest.tensors:
+        if t.kind in ("param", "master"):
+            saved.setdefault(t.name, tuple(t.shape))
+    known = set(shapes) | set(ties)
+    missing, wrong = [], []
+    for name, shape in shapes.items():
+        target = name if name in saved else manifest.ties.get(name)
+        if target is None or target not in saved:
+            missing.append(name)
+        elif saved[target] != tuple(shape):
+            wrong.append(f"{name}: checkpoint {list(saved[target])}, model {list(shape)}")
+    unexpected = sorted(n for n in saved if n not in known and manifest.ties.get(n) not in known)
+    if not (missing or wrong or unexpected):
+        return
+    parts = []
+    for label, items in (
+        ("missing from checkpoint", missing),
+        ("shape differs", wrong),
+        ("not in model", unexpected),
+    ):
+        if items:
+            shown = ", ".join(items[:8]) + (
+                f", ... ({len(items)} in all)" if len(items) > 8 else ""
+            )
+            parts.append(f"{label}: {shown}")
+    raise CheckpointMismatchError(
+        f"{url}: checkpoint is from a different model ({'; '.join(parts)}); "
+        "load it into the model it was saved from"
+    )
+
+
+# -- the plan: which arrays and logical tensors a save writes -----------------------------------
+
+
+def _kinds(engine: Checkpointable, g: FlatParamGroup) -> list[str]:
+    kinds = ["param"]
+    if g.trainable:
+        if not g.master_is_param:
+            kinds.append("master")
+        kinds += list(engine.optimizer.state_keys)
+    return kinds
+
+
+def plan(engine: Checkpointable) -> tuple[Layout, list[ArrayEntry], list[TensorEntry]]:
+    """The layout, arrays and tensors of this engine's checkpoint (identical on every rank)."""
+    arrays: list[ArrayEntry] = []
+    tensors: list[TensorEntry] = []
+    for g in engine.groups:
+        for kind in _kinds(engine, g):
+            dtype = from_torch(g.dtype if kind == "param" else torch.float32).name
+            arrays.append(ArrayEntry(g.name, kind, dtype))
+            tensors += [
+                TensorEntry(m.name, kind, tuple(m.shape), dtype, m.fragments) for m in g.members
+            ]
+    for bg in engine.buffer_groups:
+        dtype = from_torch(bg.dtype).name
+        arrays.append(ArrayEntry(bg.name, "buffer", dtype))
+        tensors += [
+            TensorEntry(name, "buffer", tuple(bg.shapes[name]), dtype, bg.fragments[name])
+            for name, _, _ in bg.entries
+        ]
+    groups = tuple(g.layout for g in engine.groups) + tuple(
+        bg.layout for bg in engine.buffer_groups
+    )
+    return Layout(engine.world_size, engine.stage, groups), arrays, tensors
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": encode_bytes(torch.get_rng_state().numpy().tobytes())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = encode_bytes(torch.cuda.get_rng_state().numpy().tobytes())
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(
+            torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy())
+        )
+    if "cuda" in state and torch.cuda.is_available():
+        raw = np.frombuffer(base64.b64decode(state["cuda"]), dtype=np.uint8).copy()
+        torch.cuda.set_rng_state(torch.from_numpy(raw))
+
+
+# -- saving -------------------------------------------------------------------------------------
+
+
+class AsyncSaver:
+    """One background writer thread; a new save first waits for the previous one."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                job()
+            except BaseException as e:  # re-raised on the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="zshard-checkpoint", daemon=True)
+        self._thread.start()
+
+
+@dataclass
+class _Snapshot:
+    """Everything one save writes, taken on the training thread; writing needs nothing else."""
+
+    root: str
+    step: int
+    layout: Layout
+    arrays: list[ArrayEntry]
+    tensors: list[TensorEntry]
+    ties: dict[str, str]
+    state: dict[str, Any]  # the manifest's non-tensor state
+    rank_state: dict[str, Any]
+    shards: dict[tuple[str, str], np.ndarray]  # (group, kind) -> this rank's partition
+    swapped: dict[tuple[str, str], SwapArray]  # offloaded partitions, copied file to file
+    release: list[Callable[[], None]] = field(default_factory=list)  # after writing
+
+
+def _snapshot(
+    engine: Checkpointable, root: str, extra: Mapping[str, Any] | None, copy: bool
+) -> _Snapshot:
+    """This rank's part of the checkpoint at the current step. ``copy``: private host copies
+    (an async save writes them while training changes the partitions)."""
+    off = engine.offload
+    if off is not None and off.broken:
+        raise OffloadError(f"save(): {off.broken}")
+    layout, arrays, tensors = plan(engine)
+    snap = _Snapshot(
+        root=root,
+        step=engine.global_step,
+        layout=layout,
+        arrays=arrays,
+        tensors=tensors,
+        ties=dict(engine.ties),
+        state={
+            "train": engine.train_state(),
+            "config": engine.config.to_dict(),
+            "extra": dict(extra or {}),
+        },
+        rank_state={"rank": engine.rank, "rng": _rng_state()},
+        shards={
+            key: to_numpy(t.detach().to("cpu", copy=copy))
+            for key, t in engine.state_tensors().items()
+        },
+        # Offloaded files are copied shard to shard, never through memory whole; an async save
+        # copies from snapshots (file copies in the swap space) taken now.
+        swapped=engine.offloaded_shards(),
+    )
+    if snap.swapped and copy:
+        assert off is not None
+        snap.swapped, drop = off.snapshot()
+        snap.release.append(drop)
+    return snap
+
+
+class _Write:
+    """Write one snapshot in three phases: prepare (rank 0), shards (every rank), commit (rank 0).
+    Each phase ends with an agreement among ranks, so a failure anywhere stops everyone before the
+    commit instead of leaving the others blocked in a collective."""
+
+    def __init__(
+        self, snap: _Snapshot, comm: Comm, rank: int, cfg: CheckpointConfig, overwrite: bool
+    ):
+        self.snap, self.comm, self.rank, self.cfg = snap, comm, rank, cfg
+        self.overwrite = overwrite
+
+    def __call__(self) -> None:
+        try:
+            writer = self._phase("preparing", self._prepare)
+            self._phase("writing shards", lambda: self._shards(writer))
+            self._phase("committing", lambda: self._commit(writer))
+        finally:
+            for release in self.snap.release:
+                release()
+
+    def _phase(self, name: str, work: Callable[[], Any]) -> Any:
+        ok = False
+        try:
+            out = work()
+            ok = True
+            return out
+        finally:
+            # All ranks learn whether any failed; the failing rank raises its own error (we are
+            # in its ``finally``), the others this one.
+            if self.comm.checkpoint_any(not ok) and ok:
+                raise ZshardError(
+                    f"checkpoint step {self.snap.step}: another rank failed while {name}; "
+                    "nothing committed"
+                )
+
+    def _prepare(self) -> CheckpointWriter:
+        s = self.snap
+        writer = CheckpointWriter(
+            s.root,
+            s.step,
+            s.layout,
+            s.arrays,
+            s.tensors,
+            rank=self.rank,
+            ties=s.ties,
+            overwrite=self.overwrite,
+        )
+        if self.rank == 0:
+            writer.prepare()
+        return writer
+
+    def _shards(self, writer: CheckpointWriter) -> None:
+        for (group, kind), data in self.snap.shards.items():
+            writer.write_shard(group, kind, data)
+        for (group, kind), src in self.snap.swapped.items():
+            src.copy_to(writer.dir, shard_key(writer.array(group, kind).path, self.rank))
+        writer.write_rank_state(self.snap.rank_state)
+
+    def _commit(self, writer: CheckpointWriter) -> None:
+        if self.rank == 0:
+            writer.commit(self.snap.state, keep_last=self.cfg.keep_last)
+
+
+class Checkpointer:
+    """An engine's saves and loads (see the module docstring): at most one async save in flight."""
+
+    def __init__(self, engine: Checkpointable) -> None:
+        self.engine = engine
+        self._saver = AsyncSaver()
+        self.last_stall_s = 0.0  # how long the last save blocked the training thread
+
+    def save(
+        self,
+        root_url: str | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        async_save: bool | None = None,
+        overwrite: bool = False,
+    ) -> str:
+        """Save at ``root_url/step-<global_step>`` (default: ``checkpoint.dir``); returns it."""
+        engine, cfg = self.engine, self.engine.config.checkpoint
+        root = root_url or cfg.dir
+        if not root:
+            raise ConfigError(
+                "checkpoint.dir: no checkpoint directory configured and none given to save()"
+            )
+        if engine.pending_micro_batches:
+            raise InvalidArgumentError(
+                f"save(): {engine.pending_micro_batches} micro batch(es) of an accumulation "
+                "window are not stepped yet and their gradients are not saved; save after step()"
+            )
+        use_async = cfg.async_save if async_save is None else async_save
+        t0 = time.perf_counter()
+        self._saver.wait()  # one save in flight at most; re-raises its failure
+        engine.comm.ensure_checkpoint_group()
+        snap = _snapshot(engine, root, extra, copy=use_async)
+        write = _Write(snap, engine.comm, engine.rank, cfg, overwrite)
+        if use_async:
+            self._saver.submit(write)
+        else:
+            write()
+        self.last_stall_s = time.perf_counter() - t0
+        log.info(
+            "checkpoint step %d -> %s (%s): training stalled %.3f s",
+            snap.step,
+            root,
+            "async" if use_async else "sync",
+            self.last_stall_s,
+        )
+        return join_url(root, step_dir_name(snap.step))
+
+    def wait(self) -> None:
+        """Block until a pending async save has committed (re-raising its error)."""
+        self._saver.wait()
+
+    def load(self, url: str | None = None) -> dict[str, Any]:
+        """Load a checkpoint (a step directory, or a root's newest) saved at any world size and
+        stage; returns the saved ``extra``."""
+        url = url or self.engine.config.checkpoint.dir
+        if not url:
+            raise ConfigError(
+                "checkpoint.dir: no checkpoint directory configured and none given to load()"
+            )
+        self.wait()
+        return _load(self.engine, url)
+
+    def resume(self) -> dict[str, Any] | None:
+        """Apply ``checkpoint.resume`` (:func:`resume_source`); the saved ``extra`` or None."""
+        source = resume_source(self.engine.config.checkpoint)
+        return None if source is None else self.load(source)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def _has(reader: CheckpointReader, name: str, kind: str) -> bool:
+    return reader.has(name, kind) or reader.has(reader.manifest.ties.get(name, ""), kind)
+
+
+def _fill_range(
+    reader: CheckpointReader, g: FlatParamGroup, kinds: tuple[str, ...], dest: torch.Tensor, lo: int
+) -> None:
+    """``dest`` covers flat elements [lo, lo + numel): fill each member's overlap from the first
+    of ``kinds`` the checkpoint has for it."""
+    hi = lo + dest.numel()
+    for m in g.members:
+        a, b = max(lo, m.offset), min(hi, m.offset + m.numel)
+        if a >= b:
+            continue
+        kind = next(k for k in kinds if _has(reader, m.name, k))
+        src = reader.read_torch(m.name, kind, a - m.offset, b - m.offset)
+        dest[a - lo : b - lo].copy_(src)
+
+
+def _fill_kind(
+    engine: Checkpointable,
+    reader: CheckpointReader,
+    g: FlatParamGroup,
+    kind: str,
+    sources: tuple[str, ...],
+    resident: torch.Tensor | None,
+    lo: int,
+) -> None:
+    """Fill ``g``'s ``kind`` (flat elements from ``lo``) from the first of ``sources`` the
+    checkpoint has, or with zeros if ``sources`` is empty: in place when resident, else as a
+    new version of the offloaded array, streamed window by window."""
+    off = engine.offload
+    if off is not None and off.holds(g, kind):
+        dtype = g.dtype if kind == "param" else torch.float32
+
+        def produce(a: int, b: int) -> torch.Tensor:
+            buf = torch.zeros(b - a, dtype=dtype)
+            if sources:
+                _fill_range(reader, g, sources, buf, lo + a)
+            return buf
+
+        off.fill(g, kind, produce)
+        return
+    assert resident is not None, (g.name, kind)
+    if sources:
+        _fill_range(reader, g, sources, resident, lo)
+    else:
+        resident.zero_()
+
+
+def _load(engine: Checkpointable, url: str) -> dict[str, Any]:
+    """Load a checkpoint (a step directory, or a root's newest) into ``engine``.
+
+    Returns the ``extra`` mapping given to save (e.g. the data position).
+    """
+    reader = CheckpointReader.open(url)
+    shapes = {m.name: tuple(m.shape) for g in engine.groups for m in g.members}
+    check_model_matches(reader.url, reader.manifest, shapes, engine.ties)
+    keys = engine.optimizer.state_keys
+    with_optimizer = all(
+        _has(reader, m.name, k)
+        for g in engine.groups
+        if g.trainable
+        for m in g.members
+        for k in keys
+    )
+    if not with_optimizer and keys:
+        log.info(
+            "checkpoint %s has no %s state: starting the optimizer fresh",
+            reader.url,
+            "/".join(keys),
+        )
+    # The master (fp32) is the better source of parameter values when both exist.
+    value_kinds = ("master", "param")
+    for g in engine.groups:
+        if engine.stage < 3:
+            assert g.flat is not None
+            _fill_range(reader, g, value_kinds, g.flat, 0)
+        else:
+            _fill_kind(engine, reader, g, "param", value_kinds, g.param_part, g.partition_range[0])
+            if g.persistent and g.flat is not None:
+                assert g.param_part is not None
+                engine.comm.all_gather(g.flat, g.param_part)
+        if not g.trainable:
+            continue
+        lo = g.update_range[0]
+        if not g.master_is_param:
+            _fill_kind(engine, reader, g, "master", value_kinds, g.master, lo)
+        for key in engine.optimizer.state_keys:
+            sources = (key,) if with_optimizer else ()
+            _fill_kind(engine, reader, g, key, sources, g.state.get(key), lo)
+    for bg in engine.buffer_groups:
+        for name, t in bg.tensors():
+            if _has(reader, name, "buffer"):
+                t.copy_(reader.read_torch(name, "buffer").view(t.shape))
+            else:
+                log.warning(
+                    "checkpoint %s has no buffer %r: keeping its current value", reader.url, name
+                )
+    if engine.offload is not None:
+        engine.offload.broken = None  # every offloaded array was just rewritten whole
+    state = reader.manifest.state
+    engine.load_train_state(state.get("train", {}), with_optimizer=with_optimizer)
+    engine.zero_grad()
+    if reader.manifest.layout.world_size == engine.world_size:
+        # Same world size: each rank continues its own random stream (dropout masks...).
+        _set_rng_state(reader.read_rank_state(engine.rank).get("rng", {}))
+    log.info("loaded checkpoint %s (step %d)", reader.url, engine.global_step)
+    extra = state.get("extra", {})
+    return dict(extra) if isinstance(extra, dict) else {}

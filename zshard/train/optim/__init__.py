@@ -1,0 +1,8 @@
+"""The optimizer step's arithmetic on flat partitions: optimizers (windowed, state by key), fp16
+loss scaling and the learning-rate schedule."""
+
+from zshard.train.optim._optimizers import SGD, Adam, FlatOptimizer, build_optimizer
+from zshard.train.optim._precision import LossScaler, module_dtype
+from zshard.train.optim._schedule import lr_at
+
+__all__ = ["SGD", "Adam", "FlatOptimizer", "LossScaler", "build_optimizer", "lr_at", "module_dtype"]
