@@ -8,7 +8,6 @@ variables), exactly as a user reaches MinIO, Ceph or R2. Nothing here contacts a
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import uuid
@@ -18,23 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.harness import AWS_DUMMY, moto_server, new_bucket, s3_fast_fail
+from tests.harness import subprocess_env as subprocess_env  # tests/convert/test_deepspeed.py
 from zshard.store import dtypes
 from zshard.store.layout import Layout, pack
 from zshard.store.manifest import ArrayEntry, TensorEntry
 from zshard.store.reader import to_numpy
 from zshard.store.writer import CheckpointWriter
-
-AWS_DUMMY = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    # Never ask an instance metadata service (169.254.169.254) for credentials.
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
-    "AWS_CONFIG_FILE": "/nonexistent/config",
-    "AWS_MAX_ATTEMPTS": "1",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Data helpers
@@ -167,13 +156,6 @@ def temp_names(path: str) -> list[str]:
     return found
 
 
-def free_port() -> int:
-    """A 127.0.0.1 port nobody listens on (bound then released)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # Network guard: the store, conversion and CLI tests may only reach 127.0.0.0/8.
 
@@ -228,14 +210,8 @@ def memory_root() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """One moto S3 server on 127.0.0.1 for the whole session."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 def _point_fsspec_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
@@ -246,38 +222,15 @@ def _point_fsspec_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", endpoint)
     # fsspec read FSSPEC_* at import time; apply the same configuration to the live process.
-    s3_conf = {
-        "endpoint_url": endpoint,
-        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
-    }
-    monkeypatch.setitem(fsspec.config.conf, "s3", s3_conf)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint, **s3_fast_fail()})
     s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
 def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """``s3://<fresh bucket>`` reachable through fsspec's standard configuration only."""
-    import boto3
     import s3fs
 
     _point_fsspec_at(monkeypatch, moto_endpoint)
-    bucket = f"zshard-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=bucket)
-    yield f"s3://{bucket}"
+    yield new_bucket(moto_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for CLI subprocesses: no inherited AWS/fsspec settings, dummy keys."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_"))}
-    env.update(AWS_DUMMY)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.update(extra)
-    return env

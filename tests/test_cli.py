@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import time
 
 import crc32c
@@ -19,34 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import (
-    assert_same_tensors,
-    awkward_state_dict,
-    free_port,
-    read_all,
-    snapshot,
-    subprocess_env,
-)
-from zshard.convert.importer import TIES_METADATA_KEY, import_safetensors
+from tests.conftest import assert_same_tensors, awkward_state_dict, read_all, snapshot
+from tests.harness import free_port, run_cli, s3_fast_fail, subprocess_env
+from zshard.convert.importer import import_safetensors
+from zshard.convert.safetensors_io import TIES_METADATA_KEY
 from zshard.store.reader import CheckpointReader
 from zshard.store.shard import chunk_nbytes, index_nbytes, shard_key
 from zshard.store.verify import verify
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIES = {"lm_head.weight": "w.prime"}
-
-
-def zshard(*args: str, cwd: str, env: dict[str, str] | None = None, timeout: float = 60):
-    env = env or subprocess_env()
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "zshard.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture
@@ -63,14 +42,14 @@ def ws(tmp_path):
 
 
 def test_help_lists_the_commands(tmp_path):
-    r = zshard("--help", cwd=str(tmp_path))
+    r = run_cli("--help", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     for cmd in ("import", "inspect", "verify", "reshard", "consolidate"):
         assert f"  {cmd} " in r.stdout
     # `zshard` alone shows the same help.
-    r = zshard(cwd=str(tmp_path))
+    r = run_cli(cwd=str(tmp_path))
     assert r.returncode == 0 and "  consolidate " in r.stdout
-    r = zshard("consolidate", "--help", cwd=str(tmp_path))
+    r = run_cli("consolidate", "--help", cwd=str(tmp_path))
     assert (
         r.returncode == 0 and "--max-shard-size" in r.stdout and "--include-optimizer" in r.stdout
     )
@@ -78,14 +57,14 @@ def test_help_lists_the_commands(tmp_path):
 
 def test_inspect_text_and_json(ws):
     tmp_path, sd = ws
-    r = zshard("inspect", "ckpt", cwd=str(tmp_path))
+    r = run_cli("inspect", "ckpt", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "step 0" in r.stdout and "world size 2" in r.stdout
     for name in sd:
         assert name in r.stdout
     assert "7x13" in r.stdout and "bfloat16" in r.stdout
     assert "tied: lm_head.weight -> w.prime" in r.stdout
-    r = zshard("inspect", "ckpt", "--json", cwd=str(tmp_path))
+    r = run_cli("inspect", "ckpt", "--json", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["step"] == 0 and info["world_size"] == 2 and info["format_version"] == 1
@@ -99,7 +78,7 @@ def test_inspect_text_and_json(ws):
 
 def test_verify_ok_and_corrupt(ws):
     tmp_path, _ = ws
-    r = zshard("verify", "ckpt", cwd=str(tmp_path))
+    r = run_cli("verify", "ckpt", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok: ")
     # Flip one byte inside the chunk that holds the start of "w.prime".
@@ -118,17 +97,17 @@ def test_verify_ok_and_corrupt(ws):
     raw = bytearray(path.read_bytes())
     raw[pos + (lo % g.chunk_numel) * 4] ^= 0x01
     path.write_bytes(bytes(raw))
-    r = zshard("verify", "ckpt", cwd=str(tmp_path))
+    r = run_cli("verify", "ckpt", cwd=str(tmp_path))
     assert r.returncode == 1
     assert "'w.prime'" in r.stderr and str(path.relative_to(tmp_path)) in r.stderr
     assert "Traceback" not in r.stderr
-    r = zshard("verify", "ckpt", "--all", cwd=str(tmp_path))
+    r = run_cli("verify", "ckpt", "--all", cwd=str(tmp_path))
     assert r.returncode == 1 and "1 fault(s)" in r.stderr
 
 
 def test_reshard_inside_the_root(ws):
     tmp_path, sd = ws
-    r = zshard("reshard", "--to", "16", cwd=str(tmp_path / "ckpt"))
+    r = run_cli("reshard", "--to", "16", cwd=str(tmp_path / "ckpt"))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "ckpt" / "step-00000000-w16"
     assert out.is_dir()
@@ -137,7 +116,7 @@ def test_reshard_inside_the_root(ws):
     assert_same_tensors(read_all(reader), sd)
     assert verify(str(out)).ok
     # Inside a step directory, the result goes next to it, not into it.
-    r = zshard("reshard", "--to", "3", cwd=str(out))
+    r = run_cli("reshard", "--to", "3", cwd=str(out))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ckpt" / "step-00000000-w3").is_dir()
     assert sorted(os.listdir(out)) == ["data", "manifest.json", "zarr.json"]
@@ -145,14 +124,14 @@ def test_reshard_inside_the_root(ws):
 
 def test_import_and_consolidate_commands(ws):
     tmp_path, sd = ws
-    r = zshard("import", "src.safetensors", "root2", "-n", "3", "--stage", "3", cwd=str(tmp_path))
+    r = run_cli("import", "src.safetensors", "root2", "-n", "3", "--stage", "3", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "for 3 ranks" in r.stdout
-    r = zshard("consolidate", "root2", "out.safetensors", "--dtype", "bf16", cwd=str(tmp_path))
+    r = run_cli("consolidate", "root2", "out.safetensors", "--dtype", "bf16", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     want = {k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in sd.items()}
     assert_same_tensors(load_file(str(tmp_path / "out.safetensors")), want)
-    r = zshard(
+    r = run_cli(
         "consolidate", "root2", "hf", "--dtype", "keep", "--max-shard-size", "300B",
         cwd=str(tmp_path),
     )  # fmt: skip
@@ -285,7 +264,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, case):
     _bad_workspace(tmp_path)
     args, cwd, words = BAD[case]
     before = snapshot(str(tmp_path))
-    r = zshard(*args, cwd=str(tmp_path / cwd))
+    r = run_cli(*args, cwd=str(tmp_path / cwd))
     _assert_one_line_error(r, words)
     assert snapshot(str(tmp_path)) == before
 
@@ -302,8 +281,8 @@ UNREACHABLE = {
 
 
 def _s3_env(endpoint: str, **extra: str) -> dict[str, str]:
-    conf = {"config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
-    return subprocess_env(FSSPEC_S3_ENDPOINT_URL=endpoint, FSSPEC_S3=json.dumps(conf), **extra)
+    conf = json.dumps(s3_fast_fail())
+    return subprocess_env(FSSPEC_S3_ENDPOINT_URL=endpoint, FSSPEC_S3=conf, **extra)
 
 
 @pytest.mark.parametrize("case", list(UNREACHABLE))
@@ -312,7 +291,7 @@ def test_unreachable_url(ws, case):
     before = snapshot(str(tmp_path))
     env = _s3_env(f"http://127.0.0.1:{free_port()}")  # nobody listens there
     t0 = time.monotonic()
-    r = zshard(*UNREACHABLE[case], cwd=str(tmp_path), env=env, timeout=30)
+    r = run_cli(*UNREACHABLE[case], cwd=str(tmp_path), env=env, timeout=30)
     _assert_one_line_error(r, "unreachable")
     assert "s3://nobucket/x" in r.stderr
     assert time.monotonic() - t0 < 15
@@ -329,12 +308,12 @@ def test_missing_credentials(ws, s3_bucket, moto_endpoint, case):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         env.pop(key, None)
     before = snapshot(str(tmp_path))
-    r = zshard(*args, cwd=str(tmp_path), env=env, timeout=30)
+    r = run_cli(*args, cwd=str(tmp_path), env=env, timeout=30)
     _assert_one_line_error(r, "credentials")
     assert snapshot(str(tmp_path)) == before
     # With the keys from the environment, the same command reaches the bucket.
     if case == "import to s3":
-        r = zshard(*args, cwd=str(tmp_path), env=_s3_env(moto_endpoint), timeout=30)
+        r = run_cli(*args, cwd=str(tmp_path), env=_s3_env(moto_endpoint), timeout=30)
         assert r.returncode == 0, r.stderr
-        r = zshard("verify", f"{s3_bucket}/x", cwd=str(tmp_path), env=_s3_env(moto_endpoint))
+        r = run_cli("verify", f"{s3_bucket}/x", cwd=str(tmp_path), env=_s3_env(moto_endpoint))
         assert r.returncode == 0, r.stderr

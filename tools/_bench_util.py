@@ -21,6 +21,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+# The repository root, for ``tests.harness`` (process groups shared with the test suite).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
 T = TypeVar("T")
 GIB = 1 << 30
 MIB = 1 << 20
@@ -219,18 +224,46 @@ def emit_child_result(**fields: Any) -> None:
     print(RESULT_MARKER + json.dumps(fields), flush=True)
 
 
+def child_result(stdout: str) -> dict[str, Any] | None:
+    """The last result line a child printed (see :func:`emit_child_result`), if any."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_MARKER)]
+    if not lines:
+        return None
+    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_MARKER) :])
+    return result
+
+
 def run_child(argv: Sequence[str], timeout: float = 1800) -> dict[str, Any]:
     """Run a fresh Python child (``argv`` after the interpreter) and return its result line."""
     proc = subprocess.run(
         [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, check=False
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
+    result = child_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(
             f"child {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
         )
-    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_MARKER) :])
     return result
+
+
+def run_workers(
+    argv: Sequence[str], world_size: int, *, timeout: float, env: dict[str, str], label: str
+) -> list[dict[str, Any]]:
+    """``python ARGV...`` as the ranks of one gloo group on 127.0.0.1 (fresh processes, through
+    ``tests.harness.run_rank_commands``); each rank's result line, in rank order, with its
+    ``exit_code``. A rank without a result line raises ``RuntimeError`` with its stderr."""
+    from tests.harness import run_rank_commands
+
+    results = []
+    for out in run_rank_commands(argv, world_size, timeout=timeout, env=env):
+        result = child_result(out.stdout)
+        if result is None:
+            raise RuntimeError(
+                f"{label} rank {out.rank} failed (exit {out.returncode}):\n{out.stderr[-4000:]}"
+            )
+        result["exit_code"] = out.returncode
+        results.append(result)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

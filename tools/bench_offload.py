@@ -44,9 +44,7 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +63,7 @@ from _bench_util import (
     remove,
     reset_peak_rss,
     rss_bytes,
+    run_workers,
     scratch_dir,
     settle,
 )
@@ -180,50 +179,9 @@ def worker(spec: Spec) -> dict[str, Any]:
 
 def run_pair(spec: Spec, timeout: float) -> list[dict[str, Any]]:
     """Both ranks in fresh processes; their results in rank order."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with contextlib.ExitStack() as stack:
-        procs, logs = [], []
-        for r in range(WORLD):
-            env = dict(
-                os.environ,
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE=str(WORLD),
-                LOCAL_WORLD_SIZE=str(WORLD),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1",
-                PYTHONUNBUFFERED="1",
-            )
-            out = stack.enter_context(tempfile.TemporaryFile("w+"))
-            err = stack.enter_context(tempfile.TemporaryFile("w+"))
-            logs.append((out, err))
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec.__dict__)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True))
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.returncode not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        results = []
-        for r, (p, (out, err)) in enumerate(zip(procs, logs)):
-            out.seek(0)
-            err.seek(0)
-            lines = [ln for ln in out.read().splitlines() if ln.startswith(RESULT_MARKER)]
-            if not lines:
-                raise RuntimeError(
-                    f"{spec} rank {r} failed (exit {p.returncode}):\n{err.read()[-3000:]}"
-                )
-            results.append(json.loads(lines[-1][len(RESULT_MARKER) :]))
-    return results
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    argv = [os.path.abspath(__file__), "--worker", json.dumps(spec.__dict__)]
+    return run_workers(argv, WORLD, timeout=timeout, env=env, label=str(spec))
 
 
 # =============================================================================================

@@ -35,7 +35,7 @@ run's median step time. ``--json`` keeps every step, phase (forward/backward/opt
 
 Targets (printed PASS/FAIL): zshard stages 1-2 step time <= 1.05x DDP; zshard stage 3 <= FSDP2
 with ``reshard_after_forward=True``; every zshard stage's per-rank peak RSS <= 1.15x (ZeRO formula
-+ baseline) and below DeepSpeed's at the same stage. The formula (DESIGN.md, fp32, Adam: no
++ baseline) and below DeepSpeed's at the same stage. The formula (docs/design.md, fp32, Adam: no
 separate master) is params 4Ψ, grads 4Ψ, Adam 8Ψ: stage 0 16Ψ, 1 8Ψ+8Ψ/N, 2 4Ψ+12Ψ/N, 3 16Ψ/N.
 Activations and communication buffers are not in the formula (activations alone are ~120 MiB
 at the default size, so stage 3 cannot meet the 1.15x bound even with no other overhead).
@@ -44,12 +44,10 @@ at the default size, so stage 3 cannot meet the 1.15x bound even with no other o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +64,7 @@ from _bench_util import (
     markdown_table,
     peak_rss_bytes,
     rss_bytes,
+    run_workers,
 )
 
 WORLD = 2
@@ -101,7 +100,7 @@ def progress(msg: str) -> None:
 
 
 def formula_bytes(stage: int, numel: int, world: int) -> int:
-    """ZeRO per-rank model-state bytes for fp32 AdamW (DESIGN.md with 4-byte params/grads and
+    """ZeRO per-rank model-state bytes for fp32 AdamW (docs/design.md with 4-byte params/grads and
     K = 8 for Adam's two states; fp32 needs no separate master copy)."""
     p = numel
     return {
@@ -448,69 +447,20 @@ def worker(spec: Spec) -> dict[str, Any]:
 # Launcher
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_method(spec: Spec, timeout: float) -> list[dict[str, Any]]:
     """Both ranks of one method in fresh processes; their result dicts, rank order."""
-    port = _free_port()
-    spec_json = json.dumps(spec.__dict__)
-    with contextlib.ExitStack() as stack:
-        procs, logs = [], []
-        for r in range(WORLD):
-            env = dict(
-                os.environ,
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE=str(WORLD),
-                LOCAL_WORLD_SIZE=str(WORLD),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1",
-                MKL_NUM_THREADS="1",
-                DS_ACCELERATOR="cpu",
-                PYTHONUNBUFFERED="1",
-            )
-            out = stack.enter_context(tempfile.TemporaryFile("w+"))
-            err = stack.enter_context(tempfile.TemporaryFile("w+"))
-            logs.append((out, err))
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), "--worker", spec_json],
-                    env=env,
-                    stdout=out,
-                    stderr=err,
-                    text=True,
-                )
-            )
-        deadline = time.monotonic() + timeout
-        try:
-            while any(p.poll() is None for p in procs):
-                if time.monotonic() > deadline or any(p.returncode not in (None, 0) for p in procs):
-                    break
-                time.sleep(0.2)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        results = []
-        for r, (p, (out, err)) in enumerate(zip(procs, logs)):
-            out.seek(0)
-            err.seek(0)
-            lines = [ln for ln in out.read().splitlines() if ln.startswith(RESULT_MARKER)]
-            if not lines:
-                raise RuntimeError(
-                    f"{spec.method} rank {r} failed (exit {p.returncode}):\n{err.read()[-4000:]}"
-                )
-            result = json.loads(lines[-1][len(RESULT_MARKER) :])
-            result["exit_code"] = p.returncode
-            if p.returncode != 0:  # measured fine, then failed to shut down: keep, but say so
-                progress(f"{spec.method} rank {r} exited {p.returncode} after its result")
-            results.append(result)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    argv = [os.path.abspath(__file__), "--worker", json.dumps(spec.__dict__)]
+    results = run_workers(argv, WORLD, timeout=timeout, env=env, label=spec.method)
+    for r, result in enumerate(results):
+        if result["exit_code"] != 0:  # measured fine, then failed to shut down: keep, but say so
+            progress(f"{spec.method} rank {r} exited {result['exit_code']} after its result")
     return results
 
 

@@ -28,6 +28,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from tests.harness import moto_server, new_bucket  # noqa: E402
 from tests.reliability import _harness as h  # noqa: E402
 from tests.reliability._workload import configure_s3  # noqa: E402
 
@@ -92,9 +93,9 @@ def run(quick: bool) -> dict[str, Any]:
         results.append(
             h.lock_race(lambda r: f"{tmp}/fresh{r}", rounds=k(10, 2), racers=3, stale=False)
         )
-        with h.moto_server() as endpoint:
+        with moto_server() as endpoint:
             configure_s3(endpoint)
-            bucket = h.new_bucket(endpoint)
+            bucket = new_bucket(endpoint)
             step("SIGKILL during saves (S3)")
             results.append(
                 h.crash_save(

@@ -2,6 +2,9 @@
 
 Exit codes: 0 success, 1 failure (e.g. ``verify`` found corruption), 2 bad input — always one
 line on stderr, no traceback, nothing written.
+
+Each command imports what it runs inside its function: torch and the training and conversion
+code take seconds to import, and ``zshard --help`` or a bad argument should not wait for them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
+from zshard.configs import DEFAULT as DEFAULT_CONFIG
+from zshard.configs import names as config_names
 from zshard.errors import ZshardError
 
 try:  # recent typer runs on its own copy of click, whose exceptions are not click's
@@ -246,7 +251,11 @@ def consolidate(
 @app.command()
 def train(
     config: Annotated[
-        str, typer.Argument(help="Training configuration (YAML), e.g. examples/tiny.yaml.")
+        str,
+        typer.Argument(
+            help="Training configuration: a YAML file, or a built-in config's name "
+            f"({', '.join(config_names())})."
+        ),
     ],
     nproc: Annotated[
         int | None, typer.Option(help="Worker processes on this node (default: GPUs, else 2).")
@@ -278,6 +287,7 @@ def train(
     ] = None,
 ) -> None:
     """Train with ZeRO stages 0-3 on N worker processes (torch.distributed.run)."""
+    from zshard.configs import resolve
     from zshard.train.run import LaunchConfig, launch
 
     opts = LaunchConfig(
@@ -289,9 +299,37 @@ def train(
         overrides=list(set_ or []),
         deepspeed_config=deepspeed_config,
     )
-    code = launch(config, opts)
+    code = launch(resolve(config), opts)
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def init(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help=f"Built-in config to start from: {', '.join(config_names())}. A file name "
+            "here (my.yaml) is taken as OUT, with the default config."
+        ),
+    ] = DEFAULT_CONFIG,
+    out: Annotated[
+        str | None,
+        typer.Argument(help="YAML file to write (default: NAME.yaml here; a directory: inside)."),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a built-in training config to a YAML file to edit, and show how to train with it."""
+    import shlex
+
+    from zshard.configs import looks_like_path, write_starter
+
+    if out is None and name not in config_names() and looks_like_path(name):
+        name, out = DEFAULT_CONFIG, name  # `zshard init my.yaml`
+    path = write_starter(name, out, overwrite=overwrite)
+    shown = name.removesuffix(".yaml").removesuffix(".yml")
+    typer.echo(f"wrote {path} (the built-in config {shown!r})")
+    typer.echo(f"next: edit it, then run  zshard train {shlex.quote(path)}")
 
 
 @app.command()
@@ -311,7 +349,10 @@ def demo(
 def estimate(
     config: Annotated[
         str | None,
-        typer.Argument(help="Training configuration (YAML); its model is counted on `meta`."),
+        typer.Argument(
+            help="Training configuration (a YAML file or a built-in name); its model is counted "
+            "on `meta`."
+        ),
     ] = None,
     params: Annotated[
         str | None, typer.Option(help="Parameter count instead of a CONFIG: 7.5e9, 7B, 350M.")
@@ -352,11 +393,12 @@ def estimate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Per-rank memory of model states for ZeRO stages 0-3, and the lowest stage that fits."""
+    from zshard.configs import resolve
     from zshard.train.report import build_input, render
     from zshard.train.report import estimate as run_estimate
 
     inp = build_input(
-        config=config,
+        config=None if config is None else resolve(config),
         params=params,
         world_size=world_size,
         stage=stage,

@@ -164,6 +164,23 @@ def _reference_state(engine: Any, path: str | None) -> dict[str, Any]:
     }
 
 
+def _save(
+    engine: Any,
+    job: Job,
+    step: int,
+    out: str,
+    reference_dir: str | None,
+    tags: dict[str, Any],
+) -> None:
+    """Save tag ``global_step<step>`` to ``OUT/<job>``; with ``reference_dir``, also DeepSpeed's
+    own full optimizer state and the counters (in ``tags``)."""
+    tag = f"global_step{step}"
+    engine.save_checkpoint(os.path.join(out, job.name), tag=tag)
+    if reference_dir is not None:
+        path = os.path.join(reference_dir, job.name, f"{tag}.optim.safetensors")
+        tags[tag] = _reference_state(engine, path)
+
+
 def _worker(
     rank: int, world: int, port: int, jobs: list[Job], out: str, q: Any, reference_dir: str | None
 ) -> None:
@@ -197,21 +214,12 @@ def _worker(
             trainable = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(job))
-            save_dir = os.path.join(out, job.name)
             save_steps = job.save_steps
             tags: dict[str, Any] = {}
-
-            def save(step: int) -> None:
-                tag = f"global_step{step}"
-                engine.save_checkpoint(save_dir, tag=tag)
-                if reference_dir is not None:
-                    path = os.path.join(reference_dir, job.name, f"{tag}.optim.safetensors")
-                    tags[tag] = _reference_state(engine, path)  # noqa: B023
-
             losses = []
             for step in range(job.steps + job.more):
                 if step in save_steps:
-                    save(step)
+                    _save(engine, job, step, out, reference_dir, tags)
                 x, y = batch(step, rank, vocab)
                 loss = engine(x, y)
                 engine.backward(loss)
@@ -220,7 +228,7 @@ def _worker(
                 torch.distributed.all_reduce(t)
                 losses.append(float(t.item()) / world)
             if job.steps + job.more in save_steps:
-                save(job.steps + job.more)
+                _save(engine, job, job.steps + job.more, out, reference_dir, tags)
             results[job.name] = {"losses": losses, "tags": tags}
             engine.destroy()
             del engine, opt, model

@@ -19,12 +19,14 @@ from tests.conftest import (
     temp_names,
     write_checkpoint,
 )
-from zshard.convert.consolidate import consolidate, parse_size
-from zshard.convert.importer import INDEX_NAME, TIES_METADATA_KEY, import_safetensors
+from zshard.convert.consolidate import consolidate
+from zshard.convert.importer import import_safetensors
 from zshard.convert.reshard import reshard
+from zshard.convert.safetensors_io import INDEX_NAME, TIES_METADATA_KEY
 from zshard.errors import InvalidArgumentError, OutputExistsError
 from zshard.store.reader import CheckpointReader
 from zshard.store.verify import verify
+from zshard.units import parse_size
 
 
 @pytest.fixture

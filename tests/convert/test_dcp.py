@@ -121,6 +121,7 @@ def test_missing_data_file_and_unsafe_metadata(dcp_dir, tmp_path):
 def _resume(rank: int, world: int, root: str, start: int, steps: int) -> list[float]:
     import zshard.train
     from tests.convert._make_deepspeed import LR, MICRO, WEIGHT_DECAY, Job, batch, build
+    from tests.harness import mean_over_ranks
 
     cfg = {
         "zero": {"stage": 3},
@@ -136,16 +137,14 @@ def _resume(rank: int, world: int, root: str, start: int, steps: int) -> list[fl
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-        t = loss.detach().float().reshape(1)
-        torch.distributed.all_reduce(t)
-        losses.append(float(t.item()) / world)
+        losses.append(mean_over_ranks(loss))
     engine.close()
     return losses
 
 
 @pytest.mark.slow
 def test_resume_in_zshard_continues_fsdp2_loss_curve(dcp_dir, tmp_path):
-    from tests.train._dist import run_ranks
+    from tests.harness import run_ranks
 
     with open(os.path.join(dcp_dir, "job.json")) as f:
         want = json.load(f)["losses"]

@@ -13,8 +13,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
 
 from tests.conftest import assert_same_tensors, awkward_state_dict, read_all, snapshot
-from zshard.convert.importer import INDEX_NAME, find_sources, import_safetensors
-from zshard.convert.safetensors_io import SafetensorsWriter, read_header, read_tensor
+from zshard.convert.importer import import_safetensors
+from zshard.convert.safetensors_io import (
+    INDEX_NAME,
+    SafetensorsWriter,
+    find_sources,
+    read_header,
+    read_tensor,
+)
 from zshard.errors import SafetensorsFormatError, ZshardError
 from zshard.store.reader import CheckpointReader, to_numpy
 from zshard.store.storage import open_storage

@@ -20,18 +20,17 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tests.harness import json_paths, run_cli, start_cli, write_tiny_config
 from tests.reliability._workload import KINDS, Workload, configure_s3, read_bytes, read_text
 from zshard.errors import ZshardError
 from zshard.store.root import committed_steps, join_url, parse_step_dir, resolve
 from zshard.store.storage import open_storage
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -112,40 +111,6 @@ def _wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.0005)
-
-
-# -- moto ----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (for tools; the tests use conftest's fixture)."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-def new_bucket(endpoint: str) -> str:
-    import boto3
-
-    bucket = f"zshard-{uuid.uuid4().hex[:12]}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
-    return f"s3://{bucket}"
 
 
 # -- checks shared by the crash harnesses ----------------------------------------------------------
@@ -737,8 +702,6 @@ __all__ = [
     "crash_save",
     "exhausted_retries",
     "flaky_store",
-    "moto_server",
-    "new_bucket",
 ]
 
 
@@ -904,15 +867,7 @@ def model():
     return Killable()
 """
 
-TINY_RUN = """
-model: {name: 'killmodel:model'}
-data: {name: builtin, seq_len: 32}
-train: {steps: 6, micro_batch_size: 2, global_batch_size: 12, seed: 3, log_every: 1}
-optimizer: {name: adamw, lr: 1.0e-3, weight_decay: 0.1}
-scheduler: {name: cosine, warmup_steps: 2}
-zero: {stage: 1}
-checkpoint: {dir: CKPT, every: 3, keep_last: 5}
-"""
+KILLMODEL = "{name: 'killmodel:model'}"
 
 
 def zshard_train(
@@ -922,27 +877,16 @@ def zshard_train(
     kills: list[dict[str, Any]] | None = None,
     wait: bool = True,
 ) -> Any:
-    """Run ``zshard train`` (a real launcher and workers) on the tiny config; returns the
-    CompletedProcess, or the Popen if not ``wait``."""
-    import subprocess
-    import sys
-
+    """Run ``zshard train`` (a real launcher and workers) on the tiny config with the killing
+    model; returns the CompletedProcess, or the Popen if not ``wait``."""
     with open(os.path.join(workdir, "killmodel.py"), "w") as f:
         f.write(KILLING_MODEL)
     cfg = os.path.join(workdir, f"cfg-{uuid.uuid4().hex[:6]}.yaml")
-    with open(cfg, "w") as f:
-        f.write(TINY_RUN.replace("CKPT", ckpt))
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([workdir, REPO, os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-        ZSHARD_TEST_KILLS=json.dumps(kills or []),
-    )
-    cmd = [sys.executable, "-m", "zshard.cli", "train", cfg, *args]
+    write_tiny_config(cfg, ckpt, model=KILLMODEL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ZSHARD_TEST_KILLS=json.dumps(kills or []))
     if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        return start_cli("train", cfg, *args, env=env, pythonpath=[workdir])
+    return run_cli("train", cfg, *args, env=env, pythonpath=[workdir], timeout=600)
 
 
 def final_params(ckpt: str) -> dict[str, Any]:
@@ -1023,6 +967,14 @@ def elastic_runs(
 
 # -- lies
 
+# Manifest fields that describe the file rather than the tensors: lies there change nothing read.
+NOT_LAYOUT = ("created", "zshard_version", "state", "format")
+
+
+def edited_leaf(path: tuple[Any, ...], node: Any) -> bool:
+    """A manifest leaf that the lie fuzzers may edit (:func:`tests.harness.json_paths`)."""
+    return not isinstance(node, (dict, list)) and bool(path) and path[0] not in NOT_LAYOUT
+
 
 def lie_fuzz(workdir: str, *, cases: int, seed: int) -> Outcome:
     """Random edits of a real checkpoint's manifest (numbers nudged or replaced, names and dtypes
@@ -1044,18 +996,6 @@ def lie_fuzz(workdir: str, *, cases: int, seed: int) -> Outcome:
     pristine = read_bytes(path)
     truth = {(n, k): a.tobytes() for k in KINDS for n, a in wl.values(5, k).items()}
 
-    def leaves(obj: Any, prefix: tuple = ()) -> list[tuple]:
-        found: list[tuple] = []
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                found += leaves(v, (*prefix, k))
-        elif isinstance(obj, list):
-            for i, v in enumerate(obj):
-                found += leaves(v, (*prefix, i))
-        elif prefix and prefix[0] not in ("created", "zshard_version", "state", "format"):
-            found.append(prefix)
-        return found
-
     real_into = LocalStorage.readinto
 
     def bounded(self: Any, key: str, offset: int, buffers: list[memoryview]) -> None:
@@ -1069,7 +1009,7 @@ def lie_fuzz(workdir: str, *, cases: int, seed: int) -> Outcome:
     try:
         for _ in range(cases):
             obj = json.loads(pristine[32:-1])
-            spots = leaves(obj)
+            spots = json_paths(obj, edited_leaf)
             for _ in range(rng.randint(1, 2)):
                 spot = rng.choice(spots)
                 target = obj

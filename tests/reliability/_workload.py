@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tests.harness import s3_fast_fail
 from zshard.store import layout
 from zshard.store.layout import FlatGroup, Layout, pack
 from zshard.store.manifest import ArrayEntry, TensorEntry
@@ -156,10 +157,7 @@ def configure_s3(endpoint: str) -> None:
         AWS_EC2_METADATA_DISABLED="true",
         FSSPEC_S3_ENDPOINT_URL=endpoint,
     )
-    fsspec.config.conf["s3"] = {
-        "endpoint_url": endpoint,
-        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
-    }
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint, **s3_fast_fail()}
     try:
         import s3fs
 

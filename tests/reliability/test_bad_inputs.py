@@ -20,12 +20,14 @@ import pytest
 from safetensors.torch import save_file
 
 from tests.conftest import awkward_state_dict, snapshot
+from tests.harness import write_tiny_config
 from tests.reliability._harness import forge_lock
 from tests.test_cli import BAD as CLI_BAD
 from tests.test_cli import TIES, _bad_workspace
-from tests.train.test_launch import BAD_CONFIGS, TINY
+from tests.train.test_launch import BAD_CONFIGS
 from zshard.cli import main
-from zshard.convert.importer import TIES_METADATA_KEY, import_safetensors
+from zshard.convert.importer import import_safetensors
+from zshard.convert.safetensors_io import TIES_METADATA_KEY
 
 # (argv, cwd relative to the workspace, words the one line must contain, extra environment)
 Case = tuple[list[str], str, str, dict[str, str]]
@@ -136,7 +138,7 @@ def template(tmp_path_factory) -> Path:
     for i, (text, _) in enumerate(BAD_CONFIGS):
         body = text.replace("CKPT", str(ckpt)).replace("NOWHERE", str(tmp / "nowhere"))
         (tmp / f"badcfg{i}.yaml").write_text(body)
-    (tmp / "good.yaml").write_text(TINY.replace("CKPT", str(tmp / "lockedrun")))
+    write_tiny_config(tmp / "good.yaml", tmp / "lockedrun")
     (tmp / "run").mkdir()
     (tmp / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
     (tmp / "badrun").mkdir()

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability._harness import corruption_sweep
+from tests.harness import json_paths
+from tests.reliability._harness import corruption_sweep, edited_leaf
 from tests.reliability._workload import KINDS, Workload, read_bytes
 from zshard.errors import CorruptDataError, ZshardError
 from zshard.store.reader import CheckpointReader
@@ -200,19 +201,9 @@ def test_edited_array_zarr_json_is_reported_by_verify_and_load(pristine, tmp_pat
 # Outcomes allowed: a clean ZshardError, or reads within bounds. A lie consistent with every
 # stored byte (two equal-size pieces swapped, a 0-d scalar moved into zero padding) cannot be
 # told from the truth; those are counted, not failed (docs/reliability.md).
-def _numeric_paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
-    out: list[tuple] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _numeric_paths(v, (*prefix, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _numeric_paths(v, (*prefix, i))
-    elif ((isinstance(obj, int) and not isinstance(obj, bool)) or isinstance(obj, str)) and (
-        prefix and prefix[0] not in ("created", "zshard_version", "state", "format")
-    ):
-        out.append(prefix)
-    return out
+def _numeric_or_text(path: tuple[Any, ...], node: Any) -> bool:
+    number = isinstance(node, int) and not isinstance(node, bool)
+    return (number or isinstance(node, str)) and edited_leaf(path, node)
 
 
 @settings(
@@ -224,7 +215,7 @@ def _numeric_paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
 def test_random_lies_never_read_out_of_bounds(pristine, bounded_reads, data):
     _, root, manifest = pristine
     obj = json.loads(manifest[32:-1])
-    paths = _numeric_paths(obj)
+    paths = json_paths(obj, _numeric_or_text)
     for _ in range(data.draw(st.integers(1, 2))):
         path = data.draw(st.sampled_from(paths))
         target = obj

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability._harness import TINY_RUN, elastic_runs
+from tests.harness import write_tiny_config
+from tests.reliability._harness import elastic_runs
 from zshard.cli import main
 
 pytestmark = pytest.mark.slow
@@ -17,8 +18,7 @@ def test_killed_workers_restart_resume_exactly_and_hold_the_root(tmp_path, capsy
     refused: list[str] = []
 
     def second_run(ckpt: str, launcher_pid: int) -> None:
-        cfg = tmp_path / "second.yaml"
-        cfg.write_text(TINY_RUN.replace("CKPT", ckpt).replace("'killmodel:model'", "gpt"))
+        cfg = write_tiny_config(tmp_path / "second.yaml", ckpt)
         capsys.readouterr()
         with pytest.raises(SystemExit) as info:
             main(["train", str(cfg), "--nproc", "2"])

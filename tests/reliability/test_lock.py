@@ -13,13 +13,12 @@ import time
 import pytest
 
 from tests.conftest import snapshot
+from tests.harness import REPO
 from tests.reliability._harness import _dead_pid, forge_lock, lock_race
 from tests.reliability._workload import Workload
 from zshard.errors import ZshardError
 from zshard.store.lock import HOST, LOCK_KEY, LockInfo, RootLock, RootLockedError, read_lock
 from zshard.store.storage import open_storage
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HOLDER = """
 import sys, time

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
 import zshard.train as zt
+from tests.harness import json_paths
 from tests.reliability._workload import Workload, read_bytes
 from zshard.convert.consolidate import consolidate
 from zshard.convert.importer import import_safetensors
@@ -184,17 +185,6 @@ json_values = st.recursive(
 )  # fmt: skip
 
 
-def _leaves(obj: Any, prefix: tuple = ()) -> list[tuple]:
-    out = [prefix]
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _leaves(v, (*prefix, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _leaves(v, (*prefix, i))
-    return out
-
-
 def _frame(body: bytes) -> bytes:
     return b'{"crc32c":"' + f"{crc32c.crc32c(body):08x}".encode() + b'","manifest":' + body + b"}"
 
@@ -215,7 +205,7 @@ def test_fuzz_manifest(data):
     mode = data.draw(st.sampled_from(["json", "body bytes", "raw bytes", "random body"]))
     if mode == "json":  # structure-aware lies with a correct checksum
         obj = json.loads(MANIFEST[32:-1])
-        paths = [p for p in _leaves(obj) if p]
+        paths = [p for p in json_paths(obj) if p]
         for _ in range(data.draw(st.integers(1, 4))):
             path = data.draw(st.sampled_from(paths))
             target = obj

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.harness import REPO
 from zshard.store import layout
 from zshard.store.layout import Layout, pack
 from zshard.store.manifest import MANIFEST_KEY, ArrayEntry, TensorEntry
@@ -26,7 +27,6 @@ from zshard.store.storage import open_storage
 from zshard.store.verify import verify
 from zshard.store.writer import CheckpointWriter
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORLD = 3
 KINDS = ("param", "exp_avg")
 CHUNK = 4096  # elements: 16 KiB chunks, ~30 per shard, so kills land between chunks too

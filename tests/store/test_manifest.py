@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.harness import json_paths
 from zshard.errors import FormatVersionError, ManifestError, ZshardError
 from zshard.store.layout import Layout, pack
 from zshard.store.manifest import FORMAT_VERSION, ArrayEntry, Manifest, TensorEntry
@@ -294,22 +295,11 @@ json_values = st.recursive(
 )
 
 
-def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
-    out = [prefix]
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_random_lies_raise_only_zshard_errors(data):
     obj = richer_manifest().to_json()
-    paths = [p for p in _paths(obj) if p]
+    paths = [p for p in json_paths(obj) if p]
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(paths))
         target = obj

@@ -1,5 +1,5 @@
 """Shared pieces of the engine tests: a tiny model, its data, plain single-process references,
-and the per-rank check functions that ``_dist.run_ranks`` runs in spawned processes.
+and the per-rank check functions that ``tests.harness.run_ranks`` runs in spawned processes.
 
 The model has a tied weight (embedding = LM head), a LayerNorm, a persistent buffer, and a
 2-element parameter (smaller than world size 3), so partitions cut tensors and some ranks own
@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import zshard.train as zt
+from tests.harness import COLLECTIVE_TIMEOUT_S
 
 VOCAB, SEQ, GLOBAL_BATCH, GRAD_ACCUM, SEED = 13, 5, 12, 2, 1234
-COLLECTIVE_TIMEOUT_S = 60
 
 
 class Block(nn.Module):

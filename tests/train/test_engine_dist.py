@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests.harness import run_ranks
+
 try:
     from tests.train import _engine_cases as cases
-    from tests.train._dist import run_ranks
 except ModuleNotFoundError:  # tests/train is not a package: pytest put it on sys.path
     import _engine_cases as cases  # type: ignore[no-redef]
-    from _dist import run_ranks  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from tests.harness import run_ranks
 from zshard.cli import app, main
 from zshard.errors import ZshardError
 from zshard.train.models import GPT, GPTConfig, num_params
@@ -25,8 +26,6 @@ from zshard.train.report._estimate import (
     parse_memory,
     per_rank,
 )
-
-from ._dist import run_ranks
 
 PSI, N = 7_500_000_000, 64  # the ZeRO paper's Figure 1: 7.5B parameters on 64 GPUs
 

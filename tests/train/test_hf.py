@@ -99,7 +99,7 @@ def _train_stage3(rank: int, world: int, cfg: dict, init_from: str, ckpt: str) -
 def test_stage3_init_from_then_consolidate_loads_in_transformers(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tests.train._dist import run_ranks
+    from tests.harness import run_ranks
     from zshard.convert.consolidate import consolidate
 
     hf_config = AutoConfig.for_model(**LLAMA)

@@ -260,7 +260,8 @@ def test_not_enough_space_fails_before_training(tmp_path: Any, monkeypatch: Any)
 
 
 def test_unreachable_object_store_fails_before_training(monkeypatch: Any) -> None:
-    from tests.conftest import _point_fsspec_at, free_port
+    from tests.conftest import _point_fsspec_at
+    from tests.harness import free_port
 
     _point_fsspec_at(monkeypatch, f"http://127.0.0.1:{free_port()}")  # nobody listens there
     monkeypatch.setenv("ZSHARD_RETRIES", "1")

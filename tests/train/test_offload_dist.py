@@ -6,7 +6,6 @@ with offload at world size 2 resumes at world size 3 with offload."""
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,14 +13,13 @@ import pytest
 import torch
 
 import zshard.train as zt
+from tests.harness import AWS_DUMMY, new_bucket, run_ranks
 
 try:
     from tests.train import _engine_cases as cases
-    from tests.train._dist import run_ranks
     from tests.train.test_offload import max_diff, offload_zero
 except ModuleNotFoundError:  # tests/train is not a package: pytest put it on sys.path
     import _engine_cases as cases  # type: ignore[no-redef]
-    from _dist import run_ranks  # type: ignore[no-redef]
     from test_offload import max_diff, offload_zero  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.slow
@@ -108,26 +106,12 @@ def run_all(rank: int, world_size: int, checks: dict[str, tuple[Any, ...]]) -> d
 @pytest.fixture(scope="module")
 def s3_url(moto_endpoint: str) -> Iterator[str]:
     """A fresh bucket, and the environment the spawned ranks inherit to reach it."""
-    import boto3
-
-    try:
-        from tests.conftest import AWS_DUMMY
-    except ModuleNotFoundError:  # pragma: no cover
-        from conftest import AWS_DUMMY  # type: ignore[no-redef]
-
-    bucket = f"zshard-offload-{uuid.uuid4().hex[:8]}"
-    boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    url = new_bucket(moto_endpoint, prefix="zshard-offload")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in AWS_DUMMY.items():
             mp.setenv(key, value)
         mp.setenv("FSSPEC_S3_ENDPOINT_URL", moto_endpoint)
-        yield f"s3://{bucket}"
+        yield url
 
 
 @pytest.fixture(scope="module")

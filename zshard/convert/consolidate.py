@@ -6,8 +6,8 @@ directory (auto-detected, read through :mod:`zshard.convert.sources`).
 Takes each tensor's fp32 ``master`` weights where the checkpoint has them and ``param``
 otherwise, casts floating tensors to the requested dtype window by window, and writes either one
 ``.safetensors`` file or a Hugging Face-style directory of shards with an index. Peak memory is
-one window plus a cast copy — not the largest tensor, not the model (DESIGN invariant 4). The
-output appears under its final name only when complete.
+one window plus a cast copy — not the largest tensor, not the model (docs/design.md, invariant
+4). The output appears under its final name only when complete.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,29 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from zshard.convert.importer import INDEX_NAME, TIES_METADATA_KEY
-from zshard.convert.safetensors_io import SafetensorsWriter
-from zshard.convert.sources import SourceTensor, TensorSource, detect, open_source
+from zshard.convert.safetensors_io import INDEX_NAME, TIES_METADATA_KEY, SafetensorsWriter
+from zshard.convert.sources import detect, open_source
+from zshard.convert.tensor_source import SourceTensor, TensorSource
 from zshard.errors import InvalidArgumentError, OutputExistsError, ZshardError
 from zshard.store import dtypes
-from zshard.store.reader import CheckpointReader, to_numpy, to_torch
+from zshard.store.reader import CheckpointReader, cast
 from zshard.store.root import parent_url
 from zshard.store.storage import LocalStorage, Storage, open_storage
+from zshard.units import parse_size
 
 WINDOW_BYTES = 16 << 20
 DTYPE_CHOICES = ("fp32", "fp16", "bf16", "keep")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5_000_000_000; ``"2GiB"`` -> 2 * 2**30; a bare number is bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise InvalidArgumentError(f"bad size {text!r}; use e.g. 5GB, 500MB or 2GiB")
-    unit = m.group(2).upper()
-    scale = 2 ** (10 * "_KMGT".index(unit[0])) if "I" in unit else _UNITS[unit[:1]]
-    return int(float(m.group(1)) * scale)
 
 
 class ZshardSource:
@@ -204,12 +192,7 @@ def _stream_tensor(
     window = max(1, WINDOW_BYTES // max(src.itemsize, dtypes.dtype(t.dtype).itemsize))
     for lo in range(0, t.source.numel, window):
         hi = min(lo + window, t.source.numel)
-        data = reader.read(t.source, lo, hi)
-        if t.dtype != t.source.dtype:
-            # torch casts round to nearest even, including to bfloat16 (numpy has no bfloat16).
-            data = to_numpy(
-                to_torch(data, t.source.dtype).to(dtypes.to_torch(dtypes.dtype(t.dtype)))
-            )
+        data = cast(reader.read(t.source, lo, hi), t.source.dtype, t.dtype)
         w.write(data)
         if progress:
             progress(data.nbytes)

@@ -31,17 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from zshard.convert.sources import (
+from zshard.convert.pickles import (
     FileView,
-    Piece,
-    PieceSource,
-    SourceTensor,
     UnsafePickleError,
-    check_pieces,
     open_binary,
     storage_offset,
     torch_load_meta,
 )
+from zshard.convert.tensor_source import Piece, PieceSource, SourceTensor, check_pieces
 from zshard.errors import ZshardError
 from zshard.store import dtypes
 from zshard.store.storage import Storage, open_storage
@@ -84,7 +81,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata dataclasses, torch dtypes and paths; refuses anything else."""
 
     def find_class(self, module: str, name: str) -> Any:
-        import torch
+        import torch  # why: heavy; detecting formats (sources imports this module) needs no torch
 
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
@@ -327,7 +324,7 @@ class DCPSource(PieceSource):
         return float(self.read(t, 0, 1).astype(np.float64)[0])
 
     def _bytes_item(self, key: str, locations: dict[tuple[str, tuple[int, ...]], Any]) -> Any:
-        import torch
+        import torch  # why: heavy; detecting formats (sources imports this module) needs no torch
 
         info = next((v for (k, _), v in locations.items() if k == key), None)
         if info is None or int(info.length) > 1 << 20:

@@ -1,166 +1,36 @@
-"""DeepSpeed ZeRO checkpoints (stages 1-3) as a :class:`~zshard.convert.sources.TensorSource`.
-
-A DeepSpeed save directory holds ``latest`` (the newest tag) and one directory per tag::
-
-    mp_rank_00_model_states.pt                      stages 1-2: module state dict (model dtype),
-                                                    param_shapes, frozen params, shared_params,
-                                                    buffer_names, global_steps, ds_config
-    zero_pp_rank_<r>_mp_rank_00_model_states.pt     stage 3: the same per data-parallel rank,
-                                                    frozen params as per-rank fragments
-    [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt
-        optimizer_state_dict:
-          stages 1-2: single_partition_of_fp32_groups[g]  rank r's slice of flat group g (fp32)
-                      base_optimizer_state.state[g]        exp_avg, exp_avg_sq, step of that slice
-                      param_alignment_paddings[g][i]       gap after parameter i of group g
-          stage 3:    fp32_flat_groups[s]                  rank r's sub-group s; each parameter
-                      optimizer_state_dict.state[s]        contributes ceil(numel / world) elements
-                                                           to every rank, in param_shapes order
+"""DeepSpeed ZeRO checkpoints (stages 1-3) as a :class:`~zshard.convert.tensor_source.TensorSource`:
+what the files of one tag (:mod:`~zshard.convert.deepspeed_files`, which also describes them)
+hold as logical tensors.
 
 Placement follows DeepSpeed's own ``zero_to_fp32.py`` (stages 1-2: a group's rank slices laid
 end to end hold its parameters in ``param_shapes`` order, each followed by its alignment
 padding; stage 3: every parameter is split evenly over the ranks, the last rank padded). Here
 it yields pieces (file, byte offset, element range) instead of tensors: nothing is loaded, and
-consolidation streams. The ``*.pt`` pickles are opened with ``weights_only=True`` on the meta
-device; the few DeepSpeed objects inside them (loss scaler, ZeRO stage enum, fragment
-addresses) are built as inert stand-ins, never imported from DeepSpeed.
+consolidation streams.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
-from zshard.convert.sources import (
-    Piece,
-    PieceSource,
-    SourceTensor,
-    check_pieces,
-    open_binary,
-    read_scalar,
-    storage_offset,
-    torch_load_meta,
+from zshard.convert.deepspeed_files import (
+    MODEL_STATES,
+    DeepSpeedFormatError,
+    check_model_states,
+    group_states,
+    load_states,
+    model_dtype,
+    param_shapes,
+    positive_int,
+    rank_files,
+    required,
+    resolve_tag,
+    zero_stage_of,
 )
-from zshard.errors import InvalidArgumentError, NotACheckpointError, ZshardError
+from zshard.convert.pickles import read_scalar, storage_offset
+from zshard.convert.tensor_source import Piece, PieceSource, SourceTensor, check_pieces
 from zshard.store import dtypes
-from zshard.store.storage import Storage, open_storage
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-_RANK_FILE = re.compile(
-    r"^(?P<bf16>bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_(?P<what>optim|model)_states\.pt$"
-)
-
-
-class DeepSpeedFormatError(ZshardError, ValueError):
-    """A DeepSpeed checkpoint is incomplete, inconsistent or of an unsupported kind."""
-
-
-# -- inert stand-ins for the DeepSpeed objects inside the pickles -------------------------------
-
-
-class _Inert:
-    """Built by the weights-only unpickler in place of a DeepSpeed class: attributes only."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
-        return object.__new__(cls)
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-
-
-class LossScalerState(_Inert):
-    """deepspeed.runtime.fp16.loss_scaler.(Dynamic)LossScaler: ``cur_scale``, ``cur_iter``..."""
-
-
-class FragmentAddress(_Inert):
-    """deepspeed.utils.tensor_fragment.fragment_address: ``numel``, ``start``."""
-
-
-def _zero_stage(value: Any) -> int:
-    """deepspeed.runtime.zero.config.ZeroStageEnum(value) -> the plain stage number."""
-    return int(value)
-
-
-STAND_INS: list[tuple[Any, str]] = [
-    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
-    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.LossScalerBase"),
-    (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
-    (_zero_stage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-]
-
-
-# -- finding the tag directory ------------------------------------------------------------------
-
-
-def _has_model_states(storage: Storage) -> bool:
-    return storage.exists(MODEL_STATES) or storage.exists(
-        "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    )
-
-
-def is_deepspeed(storage: Storage) -> bool:
-    """A tag directory, or a save directory whose ``latest`` (or some child) is one."""
-    if _has_model_states(storage):
-        return True
-    if storage.exists("latest") and not storage.isdir("latest"):
-        tag = _read_latest(storage)
-        if tag and _safe_name(tag) and _has_model_states(storage.child(tag)):
-            return True
-    return any(_has_model_states(storage.child(n)) for n in _child_dirs(storage))
-
-
-def _child_dirs(storage: Storage) -> list[str]:
-    return [n for n in storage.listdir("") if _safe_name(n) and storage.isdir(n)][:1000]
-
-
-def _safe_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
-
-
-def _read_latest(storage: Storage) -> str:
-    raw = storage.read("latest")
-    try:
-        return raw.decode().strip()
-    except UnicodeDecodeError:
-        return ""
-
-
-def resolve_tag(src: str, tag: str | None) -> tuple[Storage, str]:
-    """The tag directory of ``src`` (a save directory or a tag directory) and its tag."""
-    storage = open_storage(src)
-    if tag is not None:
-        if (
-            not _safe_name(tag)
-            or not storage.isdir(tag)
-            or not _has_model_states(storage.child(tag))
-        ):
-            tags = sorted(n for n in _child_dirs(storage) if _has_model_states(storage.child(n)))
-            raise InvalidArgumentError(
-                f"{src}: DeepSpeed tag {tag!r} does not exist (tags here: "
-                f"{', '.join(tags) or 'none'})"
-            )
-        return storage.child(tag), tag
-    if _has_model_states(storage):
-        return storage, src.rstrip("/").rpartition("/")[2]
-    if storage.exists("latest"):
-        latest = _read_latest(storage)
-        if not _safe_name(latest) or not _has_model_states(storage.child(latest)):
-            raise DeepSpeedFormatError(
-                f"{src}/latest names tag {latest!r}, which is not a DeepSpeed tag directory here; "
-                "pass --tag"
-            )
-        return storage.child(latest), latest
-    tags = sorted(n for n in _child_dirs(storage) if _has_model_states(storage.child(n)))
-    if tags:
-        raise InvalidArgumentError(
-            f"{src}: no 'latest' file; choose a tag with --tag ({', '.join(tags)})"
-        )
-    raise NotACheckpointError(f"{src}: not a DeepSpeed checkpoint directory")
-
 
 # -- the source ---------------------------------------------------------------------------------
 
@@ -175,10 +45,10 @@ class DeepSpeedSource(PieceSource):
         storage, self.tag = resolve_tag(src, tag)
         super().__init__(storage, src)
         self.trust_pickle = trust_pickle
-        files = self._rank_files()
+        files = rank_files(storage)
         model0 = self._load(MODEL_STATES if storage.exists(MODEL_STATES) else files["model"][0])
-        self._check_model_states(model0)
-        self.world_size = _int(model0.get("dp_world_size"), "dp_world_size", storage.url)
+        check_model_states(model0, storage.url)
+        self.world_size = positive_int(model0.get("dp_world_size"), "dp_world_size", storage.url)
         optim_keys = files["optim"]
         missing = [r for r in range(self.world_size) if r not in optim_keys]
         if missing:
@@ -194,9 +64,9 @@ class DeepSpeedSource(PieceSource):
                 f"{self.world_size}; files from two saves are mixed"
             )
         optims = [self._load(optim_keys[r]) for r in range(self.world_size)]
-        osds = [_get(o, "optimizer_state_dict", optim_keys[r]) for r, o in enumerate(optims)]
-        self.zero_stage = _zero_stage_of(osds[0], model0)
-        self.model_dtype = _model_dtype(model0)
+        osds = [required(o, "optimizer_state_dict", optim_keys[r]) for r, o in enumerate(optims)]
+        self.zero_stage = zero_stage_of(osds[0], model0)
+        self.model_dtype = model_dtype(model0)
         self._shared: dict[str, str] = {
             str(k): str(v) for k, v in (model0.get("shared_params") or {}).items()
         }
@@ -221,59 +91,8 @@ class DeepSpeedSource(PieceSource):
 
     # -- files ------------------------------------------------------------------------------
 
-    def _rank_files(self) -> dict[str, dict[int, str]]:
-        found: dict[str, dict[int, str]] = {"optim": {}, "model": {}}
-        for name in self.storage.listdir(""):
-            if name.startswith("expp_rank_") or "_expert_" in name:
-                raise DeepSpeedFormatError(
-                    f"{self.storage.url}/{name}: mixture-of-experts checkpoints are not supported"
-                )
-            m = _RANK_FILE.match(name)
-            if not m:
-                if re.match(r"^mp_rank_(\d+)_model_states\.pt$", name) and name != MODEL_STATES:
-                    raise DeepSpeedFormatError(
-                        f"{self.storage.url}/{name}: tensor/pipeline-parallel checkpoints "
-                        "(model-parallel rank > 0) are not supported; convert with DeepSpeed's "
-                        "ds_to_universal first"
-                    )
-                continue
-            if int(m["mp"]) != 0:
-                raise DeepSpeedFormatError(
-                    f"{self.storage.url}/{name}: tensor/pipeline-parallel checkpoints "
-                    "(model-parallel rank > 0) are not supported"
-                )
-            what = "optim" if m["what"] == "optim" else "model"
-            rank = int(m["rank"])
-            if rank in found[what]:
-                raise DeepSpeedFormatError(
-                    f"{self.storage.url}: two {what} state files for rank {rank} "
-                    f"({found[what][rank]}, {name})"
-                )
-            found[what][rank] = name
-        return found
-
     def _load(self, key: str) -> Any:
-        where = f"{self.storage.url}/{key}"
-        with open_binary(self.storage, key) as f:
-            obj = torch_load_meta(f, where, trust_pickle=self.trust_pickle, stand_ins=STAND_INS)
-        if not isinstance(obj, dict):
-            raise DeepSpeedFormatError(f"{where}: not a DeepSpeed state file (no dict inside)")
-        return obj
-
-    def _check_model_states(self, model0: dict[str, Any]) -> None:
-        where = self.storage.url
-        for key in ("module", "param_shapes", "buffer_names"):
-            if key not in model0:
-                raise DeepSpeedFormatError(f"{where}: model states have no {key!r}; not ZeRO")
-        if model0["param_shapes"] is None:
-            raise DeepSpeedFormatError(
-                f"{where}: a checkpoint without ZeRO (no param_shapes); its module state dict in "
-                f"{MODEL_STATES} is a plain torch state dict"
-            )
-        if int(model0.get("mp_world_size") or 1) != 1:
-            raise DeepSpeedFormatError(
-                f"{where}: model-parallel world size {model0['mp_world_size']} is not supported"
-            )
+        return load_states(self.storage, key, self.trust_pickle)
 
     def _piece(self, key: str, t: Any, rel_start: int, start: int, length: int) -> Piece:
         """Elements ``[rel_start, rel_start + length)`` of file tensor ``t``, holding logical
@@ -289,11 +108,13 @@ class DeepSpeedSource(PieceSource):
 
     def _stage12(self, model0: dict[str, Any], osds: list[Any], keys: dict[int, str]) -> None:
         world = self.world_size
-        shapes = _param_shapes(model0, self.storage.url)
-        parts = [_get(o, "single_partition_of_fp32_groups", keys[r]) for r, o in enumerate(osds)]
+        shapes = param_shapes(model0, self.storage.url)
+        parts = [
+            required(o, "single_partition_of_fp32_groups", keys[r]) for r, o in enumerate(osds)
+        ]
         paddings = osds[0].get("param_alignment_paddings")
         states = [
-            _group_states(o, "base_optimizer_state", len(parts[r]), keys[r])
+            group_states(o, "base_optimizer_state", len(parts[r]), keys[r])
             for r, o in enumerate(osds)
         ]
         module = model0["module"]
@@ -354,11 +175,11 @@ class DeepSpeedSource(PieceSource):
     ) -> None:
         world = self.world_size
         shapes: dict[str, Any] = {}
-        for d in _param_shapes(models[0], self.storage.url):
+        for d in param_shapes(models[0], self.storage.url):
             shapes.update(d)
-        subs = [_get(o, "fp32_flat_groups", keys[r]) for r, o in enumerate(osds)]
+        subs = [required(o, "fp32_flat_groups", keys[r]) for r, o in enumerate(osds)]
         states = [
-            _group_states(o, "optimizer_state_dict", len(subs[r]), keys[r])
+            group_states(o, "optimizer_state_dict", len(subs[r]), keys[r])
             for r, o in enumerate(osds)
         ]
         for name, shape in (models[0].get("frozen_param_shapes") or {}).items():
@@ -533,75 +354,6 @@ class DeepSpeedSource(PieceSource):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def _get(d: Any, key: str, where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise DeepSpeedFormatError(f"{where}: no {key!r}; not a DeepSpeed ZeRO state file")
-    return d[key]
-
-
-def _int(v: Any, what: str, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise DeepSpeedFormatError(f"{where}: bad {what} {v!r} in the model states")
-    return v
-
-
-def _zero_stage_of(osd: Any, model0: dict[str, Any]) -> int:
-    stage = osd.get("zero_stage") if isinstance(osd, dict) else None
-    if stage is None:
-        if "single_partition_of_fp32_groups" in osd:
-            stage = 1  # DeepSpeed's BF16_Optimizer: ZeRO-1 layout without the stage field
-        else:
-            cfg = model0.get("ds_config") or {}
-            stage = (cfg.get("zero_optimization") or {}).get("stage")
-    if stage not in (1, 2, 3):
-        raise DeepSpeedFormatError(f"unsupported ZeRO stage {stage!r} (1, 2 or 3 are supported)")
-    return int(stage)
-
-
-def _model_dtype(model0: dict[str, Any]) -> str:
-    module = model0["module"]
-    for shapes in model0["param_shapes"]:
-        for name in shapes:
-            t = module.get(name)
-            if t is not None and t.is_floating_point():
-                return dtypes.from_torch(t.dtype).name
-    cfg = model0.get("ds_config") or {}
-    if (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled"):
-        return "bfloat16"
-    if (cfg.get("fp16") or {}).get("enabled"):
-        return "float16"
-    return "float32"
-
-
-def _param_shapes(model0: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    shapes = model0["param_shapes"]
-    if isinstance(shapes, dict):
-        shapes = [shapes]
-    if not isinstance(shapes, list) or not all(isinstance(s, dict) for s in shapes):
-        raise DeepSpeedFormatError(f"{where}: param_shapes is not a list of name -> shape maps")
-    return shapes
-
-
-def _group_states(osd: dict[str, Any], key: str, groups: int, where: str) -> list[dict[str, Any]]:
-    """Per flat group (stages 1-2) or sub-group (stage 3): the torch optimizer state of its one
-    flat parameter."""
-    base = osd.get(key)
-    if isinstance(base, list):  # older DeepSpeed: one state dict per group
-        return [b if isinstance(b, dict) else {} for b in base][:groups] + [{}] * (
-            groups - len(base)
-        )
-    if not isinstance(base, dict):
-        return [{} for _ in range(groups)]
-    state = base.get("state") or {}
-    order: list[Any] = []
-    for pg in base.get("param_groups") or []:
-        order.extend(pg.get("params") or [])
-    if len(order) != groups:
-        order = list(range(groups))
-    out = [state.get(pid, {}) for pid in order]
-    return [s if isinstance(s, dict) else {} for s in out]
 
 
 def _state_kinds(states: list[dict[str, Any]], sizes: list[int]) -> list[str]:

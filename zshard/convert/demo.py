@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zshard.convert.consolidate import consolidate
-from zshard.convert.importer import TIES_METADATA_KEY, import_safetensors
+from zshard.convert.importer import import_safetensors
 from zshard.convert.reshard import reshard
+from zshard.convert.safetensors_io import TIES_METADATA_KEY
 from zshard.errors import ZshardError
 from zshard.store.reader import CheckpointReader
 from zshard.store.verify import verify

@@ -9,88 +9,20 @@ memory stays flat whatever the model size.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from zshard.convert.safetensors_io import SafetensorsEntry, read_header
-from zshard.errors import InvalidArgumentError, NotACheckpointError
+from zshard.convert.safetensors_io import SafetensorsSource
+from zshard.convert.sources import open_source
+from zshard.convert.tensor_source import SourceTensor, TensorSource
+from zshard.errors import InvalidArgumentError
 from zshard.store import dtypes
 from zshard.store.layout import FlatGroup, Fragment, Layout, pack
 from zshard.store.manifest import ArrayEntry, TensorEntry
 from zshard.store.root import CheckpointRef, step_dir_name
-from zshard.store.storage import Storage, open_storage
 from zshard.store.writer import CheckpointWriter
 
-if TYPE_CHECKING:
-    from zshard.convert.sources import SourceTensor, TensorSource
-
-INDEX_NAME = "model.safetensors.index.json"
-TIES_METADATA_KEY = "zshard.ties"
 WINDOW_BYTES = 16 << 20
-
-
-@dataclass(frozen=True)
-class Source:
-    storage: Storage  # the directory (or the file's parent)
-    key: str  # file name within it
-    entry: SafetensorsEntry
-
-
-def find_sources(src: str) -> tuple[list[Source], dict[str, str]]:
-    """Every tensor of a safetensors file or HF-style directory, and the ties it records."""
-    storage = open_storage(src)
-    if storage.isdir(""):
-        if storage.exists(INDEX_NAME):
-            try:
-                index = json.loads(storage.read(INDEX_NAME))
-                files = list(dict.fromkeys(index["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise InvalidArgumentError(
-                    f"{src}/{INDEX_NAME}: not a valid index (needs a 'weight_map' object)"
-                ) from None
-        elif storage.exists("model.safetensors"):
-            files = ["model.safetensors"]
-        else:
-            raise NotACheckpointError(
-                f"{src}: no {INDEX_NAME} or model.safetensors here; pass a .safetensors file or "
-                "a Hugging Face model directory"
-            )
-        if not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in files):
-            raise InvalidArgumentError(f"{src}/{INDEX_NAME}: weight_map names files outside it")
-    else:
-        if not storage.exists(""):
-            raise InvalidArgumentError(f"{src}: no such file or directory")
-        parent, _, name = src.rstrip("/").rpartition("/")
-        storage, files = open_storage(parent or "."), [name]
-    sources: list[Source] = []
-    ties: dict[str, str] = {}
-    seen: set[str] = set()
-    for f in files:
-        header = read_header(storage, f)
-        raw_ties = header.metadata.get(TIES_METADATA_KEY)
-        if raw_ties:
-            try:
-                ties.update({str(k): str(v) for k, v in json.loads(raw_ties).items()})
-            except (ValueError, AttributeError):
-                raise InvalidArgumentError(f"{f}: malformed {TIES_METADATA_KEY} metadata") from None
-        for e in header.entries:
-            if e.name in seen:
-                raise InvalidArgumentError(f"{src}: tensor {e.name!r} appears in two files")
-            seen.add(e.name)
-            sources.append(Source(storage, f, e))
-    if not sources:
-        raise InvalidArgumentError(f"{src}: no tensors found")
-    ties = {a: t for a, t in ties.items() if a not in seen and t in seen}
-    return sources, ties
-
-
-def group_key(name: str, dtype: str, stage: int) -> tuple[str, str]:
-    """Flat group policy: one per dtype (stages 0-2), one per module and dtype (stage 3)."""
-    module = name.rpartition(".")[0] if stage == 3 else ""
-    return module, dtype
 
 
 def import_safetensors(
@@ -105,8 +37,6 @@ def import_safetensors(
 ) -> CheckpointRef:
     """Import a .safetensors file or Hugging Face directory (state kind ``param``)."""
     _check_args(world_size, stage)
-    from zshard.convert.sources import SafetensorsSource
-
     source = SafetensorsSource(src)
     return import_source(
         source, root, world_size, stage, step=step, overwrite=overwrite, progress=progress
@@ -128,8 +58,6 @@ def import_checkpoint(
     """Import any format :func:`zshard.convert.sources.detect` knows (safetensors, DeepSpeed,
     DCP). ``stage`` defaults to the source's ZeRO stage (DeepSpeed) or 1; ``step`` to the
     source's step."""
-    from zshard.convert.sources import open_source
-
     _check_args(world_size, 1 if stage is None else stage)
     source = open_source(src, tag=tag, trust_pickle=trust_pickle)
     if stage is None:

@@ -4,7 +4,7 @@ Only committed checkpoints (a step directory with its ``manifest.json``) are che
 row comes from its manifest alone (step, created, layout, tensor bytes), so listing reads one
 small JSON object per checkpoint, never data. Step directories without a manifest are saves that
 never committed: shown separately, and only when asked (``include_incomplete``), as they are not
-checkpoints (DESIGN invariant 2).
+checkpoints (docs/design.md, invariant 2).
 """
 
 from __future__ import annotations

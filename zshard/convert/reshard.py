@@ -1,9 +1,10 @@
 """``zshard reshard``: rewrite a checkpoint's layout for another world size, bitwise.
 
 Every state kind is carried by key (params, master weights, any optimizer's state, buffers), so
-this works for Adam, SGD or anything else (DESIGN invariant 5). Each tensor keeps its flat group;
-groups are repacked end to end for the new world size, and every new shard is streamed from
-ranged reads of the old one in bounded windows: peak memory is one window, whatever the model.
+this works for Adam, SGD or anything else (docs/design.md, invariant 5). Each tensor keeps its
+flat group; groups are repacked end to end for the new world size, and every new shard is
+streamed from ranged reads of the old one in bounded windows: peak memory is one window, whatever
+the model.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""safetensors files: a strict header parser and a streaming writer, over any storage.
+"""safetensors files: a strict header parser, a streaming writer, and the files of a Hugging Face
+directory as a :class:`~zshard.convert.tensor_source.TensorSource`, over any storage.
 
 Format: an 8-byte little-endian header length N, N bytes of JSON header mapping each tensor name
 to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data section,
@@ -18,25 +19,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zshard.errors import InvalidArgumentError, SafetensorsFormatError, ZshardError
+from zshard.convert.tensor_source import Piece, PieceSource, SourceTensor
+from zshard.errors import (
+    InvalidArgumentError,
+    NotACheckpointError,
+    SafetensorsFormatError,
+    ZshardError,
+)
 from zshard.store import dtypes
 from zshard.store.shard import as_bytes
-from zshard.store.storage import Storage, StreamWriter
+from zshard.store.storage import Storage, StreamWriter, open_storage
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
+INDEX_NAME = "model.safetensors.index.json"  # a Hugging Face directory's index of its shards
+TIES_METADATA_KEY = "zshard.ties"  # file metadata: JSON {alias: stored name}
 
 
 @dataclass(frozen=True)
-class SafetensorsEntry:
+class SafetensorsEntry(dtypes.Sized):
     name: str
     dtype: str  # logical dtype name
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
     end: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -203,3 +208,78 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._stream.abort()
+
+
+# -- files and Hugging Face directories as a source ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    storage: Storage  # the directory (or the file's parent)
+    key: str  # file name within it
+    entry: SafetensorsEntry
+
+
+def find_sources(src: str) -> tuple[list[Source], dict[str, str]]:
+    """Every tensor of a safetensors file or HF-style directory, and the ties it records."""
+    storage = open_storage(src)
+    if storage.isdir(""):
+        if storage.exists(INDEX_NAME):
+            try:
+                index = json.loads(storage.read(INDEX_NAME))
+                files = list(dict.fromkeys(index["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise InvalidArgumentError(
+                    f"{src}/{INDEX_NAME}: not a valid index (needs a 'weight_map' object)"
+                ) from None
+        elif storage.exists("model.safetensors"):
+            files = ["model.safetensors"]
+        else:
+            raise NotACheckpointError(
+                f"{src}: no {INDEX_NAME} or model.safetensors here; pass a .safetensors file or "
+                "a Hugging Face model directory"
+            )
+        if not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in files):
+            raise InvalidArgumentError(f"{src}/{INDEX_NAME}: weight_map names files outside it")
+    else:
+        if not storage.exists(""):
+            raise InvalidArgumentError(f"{src}: no such file or directory")
+        parent, _, name = src.rstrip("/").rpartition("/")
+        storage, files = open_storage(parent or "."), [name]
+    sources: list[Source] = []
+    ties: dict[str, str] = {}
+    seen: set[str] = set()
+    for f in files:
+        header = read_header(storage, f)
+        raw_ties = header.metadata.get(TIES_METADATA_KEY)
+        if raw_ties:
+            try:
+                ties.update({str(k): str(v) for k, v in json.loads(raw_ties).items()})
+            except (ValueError, AttributeError):
+                raise InvalidArgumentError(f"{f}: malformed {TIES_METADATA_KEY} metadata") from None
+        for e in header.entries:
+            if e.name in seen:
+                raise InvalidArgumentError(f"{src}: tensor {e.name!r} appears in two files")
+            seen.add(e.name)
+            sources.append(Source(storage, f, e))
+    if not sources:
+        raise InvalidArgumentError(f"{src}: no tensors found")
+    ties = {a: t for a, t in ties.items() if a not in seen and t in seen}
+    return sources, ties
+
+
+class SafetensorsSource(PieceSource):
+    """A .safetensors file or Hugging Face shard directory: every tensor is one piece."""
+
+    format = "safetensors"
+
+    def __init__(self, src: str) -> None:
+        found, ties = find_sources(src)
+        storage = found[0].storage
+        super().__init__(storage, src)
+        for s in found:
+            e = s.entry
+            pieces = (Piece(s.key, e.begin, 0, e.numel),) if e.numel else ()
+            self.tensors.append(SourceTensor(e.name, "param", e.shape, e.dtype, pieces))
+        self.ties = ties
+        self.state = {"source": {"format": "safetensors", "path": src}}

@@ -7,6 +7,7 @@ integer view and reinterpreted on read. Names follow torch (``torch.bfloat16`` -
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,22 @@ def dtype(name: str) -> DType:
         ) from None
 
 
+class Sized:
+    """``numel`` and ``nbytes`` of a tensor record with a ``shape`` and a logical ``dtype`` name
+    (the manifest's entries, the converters' source tensors)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype(self.dtype).itemsize
+
+
 def from_safetensors(code: str) -> DType:
     try:
         return _BY_SAFETENSORS[code]
@@ -76,6 +93,6 @@ def from_torch(t: object) -> DType:
 
 
 def to_torch(d: DType) -> object:
-    import torch
+    import torch  # why: heavy; only the torch-facing paths call this
 
     return getattr(torch, d.name)

@@ -1,11 +1,12 @@
 """Layout arithmetic: where every element of every logical tensor lives. Pure; no I/O.
 
-Vocabulary (see DESIGN.md): a *flat group* is a 1-D buffer of ``world_size * partition_numel``
-elements; rank ``r`` owns the *partition* ``[r * partition_numel, (r + 1) * partition_numel)``
-and writes it as one *shard*. A shard is cut into equal *chunks* of ``chunk_numel`` elements, the
-unit that is checksummed and read. A logical tensor is stored as *fragments*: ranges of its
-flattened elements placed in one partition of one group. Fragments carry their true offsets
-(DESIGN invariant 3), so readers never re-derive placement from a sharding rule.
+Vocabulary (see docs/design.md): a *flat group* is a 1-D buffer of
+``world_size * partition_numel`` elements; rank ``r`` owns the *partition*
+``[r * partition_numel, (r + 1) * partition_numel)`` and writes it as one *shard*. A shard is cut
+into equal *chunks* of ``chunk_numel`` elements, the unit that is checksummed and read. A logical
+tensor is stored as *fragments*: ranges of its flattened elements placed in one partition of one
+group. Fragments carry their true offsets (docs/design.md, invariant 3), so readers never
+re-derive placement from a sharding rule.
 """
 
 from __future__ import annotations

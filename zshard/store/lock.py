@@ -79,7 +79,7 @@ def lock_timeout_s() -> float:
 
 
 def _process_start(pid: int) -> float | None:
-    import psutil
+    import psutil  # why: only a contested lock needs it
 
     try:
         return float(psutil.Process(pid).create_time())
@@ -89,7 +89,7 @@ def _process_start(pid: int) -> float | None:
 
 def _process_alive(pid: int, start: float | None) -> bool:
     """Whether ``pid`` on this host still runs, and is the process that took the lock."""
-    import psutil
+    import psutil  # why: only a contested lock needs it
 
     try:
         p = psutil.Process(pid)

@@ -5,15 +5,15 @@ caught, independently of how a JSON parser treats it::
 
     {"crc32c":"<8 lowercase hex digits>","manifest":<body>}
 
-where the checksum is crc32c over the exact bytes of ``<body>``. Parsing validates every field's
-type and every fragment against the layout, so a manifest that lies (shapes, offsets, lengths,
-dtypes) is rejected before any data is read.
+where the checksum is crc32c over the exact bytes of ``<body>``. Per-rank state files
+(``ranks/rank-NNNNN.json``) use the same framing with the key ``state`` (:func:`frame_json`).
+Parsing validates every field's type and every fragment against the layout, so a manifest that
+lies (shapes, offsets, lengths, dtypes) is rejected before any data is read.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -22,7 +22,7 @@ from typing import Any
 
 import crc32c
 
-from zshard.errors import FormatVersionError, ManifestError
+from zshard.errors import CorruptDataError, FormatVersionError, ManifestError
 from zshard.store import dtypes
 from zshard.store.layout import FlatGroup, Fragment, Layout, coverage_errors, placement_errors
 
@@ -30,10 +30,60 @@ FORMAT_NAME = "zshard.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "manifest.json"
 _PREFIX = b'{"crc32c":"'
-_MIDDLE = b'","manifest":'
 # Group names and state kinds become path components: keep them to a safe alphabet.
 _IDENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _MAX_ELEMENTS = 1 << 60
+
+
+def rank_state_key(rank: int) -> str:
+    return f"ranks/rank-{rank:05d}.json"
+
+
+# -- framing: a JSON body and the crc32c of its exact bytes --------------------------------------
+
+
+class _FrameError(Exception):
+    """``reason``: ``"framing"``, ``"truncated"`` or ``"checksum"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _frame(body: bytes, key: bytes) -> bytes:
+    """``{"crc32c":"<8 hex digits of crc32c(body)>","<key>":<body>}``."""
+    return _PREFIX + f"{crc32c.crc32c(body):08x}".encode() + b'","' + key + b'":' + body + b"}"
+
+
+def _unframe(raw: bytes, key: bytes) -> bytes:
+    """The body of a framed document whose checksum holds; else raises ``_FrameError``."""
+    middle = b'","' + key + b'":'
+    head = len(_PREFIX) + 8 + len(middle)
+    if not raw.startswith(_PREFIX) or raw[len(_PREFIX) + 8 : head] != middle:
+        raise _FrameError("framing")
+    if not raw.endswith(b"}") or len(raw) < head + 2:
+        raise _FrameError("truncated")
+    body = raw[head:-1]
+    if raw[len(_PREFIX) : len(_PREFIX) + 8] != f"{crc32c.crc32c(body):08x}".encode():
+        raise _FrameError("checksum")
+    return body
+
+
+def frame_json(obj: Any) -> bytes:
+    """A small JSON document (per-rank state) framed with its crc32c, like the manifest:
+    ``{"crc32c":"<hex>","state":<obj>}``."""
+    return _frame(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), b"state")
+
+
+def unframe_json(raw: bytes, where: str) -> Any:
+    """The object :func:`frame_json` framed; ``CorruptDataError`` if a byte changed."""
+    try:
+        body = _unframe(raw, b"state")
+    except _FrameError as e:
+        if e.reason == "checksum":
+            raise CorruptDataError(f"{where}: state file fails its crc32c checksum") from None
+        raise CorruptDataError(f"{where}: malformed state file") from None
+    return json.loads(body)
 
 
 def identifier_error(value: str, what: str) -> str | None:
@@ -66,7 +116,7 @@ class ArrayEntry:
 
 
 @dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(dtypes.Sized):
     """One logical tensor: a name and state kind, its shape and logical dtype, and fragments."""
 
     name: str
@@ -74,14 +124,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: str
     fragments: tuple[Fragment, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * dtypes.dtype(self.dtype).itemsize
 
 
 @dataclass
@@ -155,19 +197,19 @@ class Manifest:
             body = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as e:
             raise ManifestError(f"checkpoint state is not JSON-serialisable: {e}") from e
-        return _PREFIX + f"{crc32c.crc32c(body):08x}".encode() + _MIDDLE + body + b"}"
+        return _frame(body, b"manifest")
 
     @classmethod
     def from_bytes(cls, raw: bytes, where: str) -> Manifest:
-        head = len(_PREFIX) + 8 + len(_MIDDLE)
-        if not raw.startswith(_PREFIX) or raw[len(_PREFIX) + 8 : head] != _MIDDLE:
-            raise ManifestError(f"{where}: not a zshard manifest (bad framing)")
-        if not raw.endswith(b"}") or len(raw) < head + 2:
-            raise ManifestError(f"{where}: manifest is truncated")
-        body = raw[head:-1]
-        stored = raw[len(_PREFIX) : len(_PREFIX) + 8]
-        if stored != f"{crc32c.crc32c(body):08x}".encode():
-            raise ManifestError(f"{where}: manifest fails its crc32c checksum (corrupted)")
+        try:
+            body = _unframe(raw, b"manifest")
+        except _FrameError as e:
+            problem = {
+                "framing": "not a zshard manifest (bad framing)",
+                "truncated": "manifest is truncated",
+                "checksum": "manifest fails its crc32c checksum (corrupted)",
+            }[e.reason]
+            raise ManifestError(f"{where}: {problem}") from None
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError) as e:

@@ -2,7 +2,7 @@
 
 A read intersects the wanted element range with the tensor's recorded fragments
 (``layout.intersect``) and reads only the chunks that overlap, verifying each chunk's crc32c.
-Opening a checkpoint parses JSON only: nothing is ever unpickled (DESIGN invariant 6).
+Opening a checkpoint parses JSON only: nothing is ever unpickled (docs/design.md, invariant 6).
 """
 
 from __future__ import annotations
@@ -21,11 +21,17 @@ from zshard.errors import (
 )
 from zshard.store import dtypes
 from zshard.store.layout import intersect
-from zshard.store.manifest import MANIFEST_KEY, ArrayEntry, Manifest, TensorEntry
+from zshard.store.manifest import (
+    MANIFEST_KEY,
+    ArrayEntry,
+    Manifest,
+    TensorEntry,
+    rank_state_key,
+    unframe_json,
+)
 from zshard.store.root import CheckpointRef, resolve
 from zshard.store.shard import ChunkCache, array_metadata, read_shard_range, shard_key
 from zshard.store.storage import Storage, open_storage
-from zshard.store.writer import rank_state_key, unframe_json
 
 
 class CheckpointReader:
@@ -153,7 +159,7 @@ class CheckpointReader:
 
 def to_torch(array: np.ndarray, logical: str) -> Any:
     """View a storage-dtype numpy array as a torch tensor of its logical dtype (no copy)."""
-    import torch
+    import torch  # why: heavy; reading and verifying checkpoints never needs it
 
     dt = dtypes.dtype(logical)
     t = torch.from_numpy(array)
@@ -164,7 +170,7 @@ def to_torch(array: np.ndarray, logical: str) -> Any:
 
 def to_numpy(tensor: Any) -> np.ndarray:
     """A CPU torch tensor as a numpy array of its storage dtype (bfloat16 -> uint16 view)."""
-    import torch
+    import torch  # why: heavy; reading and verifying checkpoints never needs it
 
     dt = dtypes.from_torch(tensor.dtype)
     t = tensor.detach()
@@ -173,3 +179,15 @@ def to_numpy(tensor: Any) -> np.ndarray:
     if dt.storage != dt.name:
         t = t.view(getattr(torch, dt.storage))
     return t.contiguous().numpy()
+
+
+def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Storage-dtype elements of logical dtype ``src`` as logical dtype ``dst`` (a new array in
+    ``dst``'s storage dtype; ``array`` itself when the two are the same).
+
+    torch casts round to nearest even, including to bfloat16 (which numpy lacks), as DeepSpeed
+    does when it casts its fp32 masters.
+    """
+    if src == dst:
+        return array
+    return to_numpy(to_torch(array, src).to(dtypes.to_torch(dtypes.dtype(dst))))

@@ -2,7 +2,7 @@
 
 A root holds ``step-00000100/`` directories and a ``latest`` text file. A step directory counts
 only once its ``manifest.json`` exists (the commit marker, written last): readers, tools and
-retention never see anything else (DESIGN invariant 2).
+retention never see anything else (docs/design.md, invariant 2).
 """
 
 from __future__ import annotations

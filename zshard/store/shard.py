@@ -14,11 +14,7 @@ zshard additionally requires the index to be exactly this canonical one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
 from typing import Any
 
 import crc32c
@@ -30,8 +26,10 @@ from zshard.store.layout import FlatGroup
 from zshard.store.storage import (
     FsspecStorage,
     LocalStorage,
+    LocalStream,
     Storage,
     StreamWriter,
+    publish,
     translate_errors,
 )
 
@@ -110,37 +108,32 @@ def shard_key(array_path: str, rank: int) -> str:
     return f"{array_path}/c/{rank}"
 
 
-class ShardWriter:
-    """Streams one partition into a shard: ``write`` any number of 1-D pieces, then ``close``.
+class ChunkWriter:
+    """The write loop of every shard writer: 1-D pieces of any size in, whole chunks out.
 
-    Pieces must add up to at most ``partition_numel`` elements; ``close`` pads the rest with
-    zeros. Memory: at most one chunk is buffered. Nothing is visible under the shard's key until
-    ``close`` commits it; ``abort`` discards.
+    Pieces must add up to at most ``partition_numel`` elements; ``_pad`` fills the rest with
+    zeros, a chunk at a time. At most one partly filled chunk is buffered: whole chunks go
+    straight from the caller's memory to ``_emit``, which a subclass implements (the chunk's
+    bytes, then their crc32c, at the chunk's place in the shard). ``where`` names the shard in
+    errors.
     """
 
-    def __init__(self, storage: Storage, key: str, group: FlatGroup, dt: DType) -> None:
-        self.key = key
+    def __init__(self, where: str, group: FlatGroup, dt: DType) -> None:
+        self.where = where
         self.group = group
         self.dt = dt
         self._np = dt.numpy
         self._chunk_bytes = group.chunk_numel * dt.itemsize
         self._buf = bytearray()  # a partly filled chunk
         self._written = 0  # elements accepted so far
-        self.nbytes = shard_nbytes(group, dt)
-        self._stream: StreamWriter = storage.open_stream(key)
-        try:
-            self._stream.write(encode_index(group, dt))
-        except BaseException:
-            self._stream.abort()  # the caller has no writer to abort: leave no temporary file
-            raise
 
     def write(self, piece: np.ndarray) -> None:
         if piece.dtype != self._np:
-            raise TypeError(f"shard {self.key}: got {piece.dtype}, expected {self._np}")
+            raise TypeError(f"{self.where}: got {piece.dtype}, expected {self._np}")
         n = piece.size
         if self._written + n > self.group.partition_numel:
             raise ValueError(
-                f"shard {self.key}: {self._written + n} elements exceed the partition's "
+                f"{self.where}: {self._written + n} elements exceed the partition's "
                 f"{self.group.partition_numel}"
             )
         self._written += n
@@ -152,7 +145,7 @@ class ShardWriter:
             if len(self._buf) == self._chunk_bytes:
                 self._emit(memoryview(self._buf))
                 self._buf = bytearray()
-        # Whole chunks go straight from the caller's memory to the stream.
+        # Whole chunks go straight from the caller's memory to the shard.
         while len(data) >= self._chunk_bytes:
             self._emit(data[: self._chunk_bytes])
             data = data[self._chunk_bytes :]
@@ -160,14 +153,42 @@ class ShardWriter:
             self._buf += data
 
     def _emit(self, chunk: memoryview) -> None:
+        raise NotImplementedError
+
+    def _pad(self) -> None:
+        missing = self.group.partition_numel - self._written
+        while missing > 0:
+            n = min(missing, self.group.chunk_numel)
+            self.write(np.zeros(n, dtype=self._np))
+            missing -= n
+
+
+class ShardWriter(ChunkWriter):
+    """Streams one partition into a shard: ``write`` any number of 1-D pieces, then ``close``.
+
+    Pieces must add up to at most ``partition_numel`` elements; ``close`` pads the rest with
+    zeros. Memory: at most one chunk is buffered. Nothing is visible under the shard's key until
+    ``close`` commits it; ``abort`` discards.
+    """
+
+    def __init__(self, storage: Storage, key: str, group: FlatGroup, dt: DType) -> None:
+        super().__init__(f"shard {key}", group, dt)
+        self.key = key
+        self.nbytes = shard_nbytes(group, dt)
+        self._stream: StreamWriter = storage.open_stream(key)
+        try:
+            self._stream.write(encode_index(group, dt))
+        except BaseException:
+            self._stream.abort()  # the caller has no writer to abort: leave no temporary file
+            raise
+
+    def _emit(self, chunk: memoryview) -> None:
         self._stream.write(chunk)
         self._stream.write(np.uint32(crc(chunk)).tobytes())
 
     def close(self) -> None:
         try:
-            missing = self.group.partition_numel - self._written
-            if missing:
-                self.write(np.zeros(missing, dtype=self._np))
+            self._pad()
             self._stream.commit()
         except BaseException:
             self._stream.abort()
@@ -175,17 +196,6 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._stream.abort()
-
-
-def write_shard(storage: Storage, key: str, group: FlatGroup, dt: DType, data: np.ndarray) -> None:
-    """Write a whole partition (``partition_numel`` elements or fewer, zero-padded) as one shard."""
-    w = ShardWriter(storage, key, group, dt)
-    try:
-        w.write(data)
-    except BaseException:
-        w.abort()
-        raise
-    w.close()
 
 
 def check_index(raw: bytes, group: FlatGroup, dt: DType, where: str) -> None:
@@ -310,31 +320,25 @@ def copy_shard(
 
     The destination must describe the same geometry (``group``, ``dt``): shard bytes depend only
     on them, so the copy is byte for byte. Same local file system: ``shutil.copyfile`` (in-kernel)
-    into a temporary name, fsync, rename. Same fsspec file system: its own ``copy`` (server-side
-    on object stores). Otherwise the shard streams through memory a window of whole chunks at a
-    time, and every chunk's crc32c is verified on the way.
+    into ``dst``'s own stream (temporary name, fsync unless scratch, rename). Same fsspec file
+    system: its own ``copy`` (server-side on object stores). Otherwise the shard streams through
+    memory a window of whole chunks at a time, and every chunk's crc32c is verified on the way.
     """
     nbytes = shard_nbytes(group, dt)
     if isinstance(src, LocalStorage) and isinstance(dst, LocalStorage):
-        _copy_local(
-            os.path.join(src.root, *src_key.split("/")), os.path.join(dst.root, *dst_key.split("/"))
-        )
+        stream = dst.open_stream(dst_key)
+        assert isinstance(stream, LocalStream)
+        try:
+            stream.copy_from(src.os_path(src_key))
+            stream.commit()
+        except BaseException:
+            stream.abort()
+            raise
         return nbytes
     if isinstance(src, FsspecStorage) and isinstance(dst, FsspecStorage) and src.fs is dst.fs:
         a, b = f"{src.path}/{src_key}", f"{dst.path}/{dst_key}"
-        protocols = src.fs.protocol if isinstance(src.fs.protocol, tuple) else (src.fs.protocol,)
         with translate_errors(dst.url, dst_key):
-            if {"s3", "s3a", "gs", "gcs", "az", "abfs"} & set(protocols):
-                src.fs.copy(a, b)  # one server-side copy, published whole
-            else:
-                tmp = f"{b}.tmp-{uuid.uuid4().hex[:12]}"
-                try:
-                    src.fs.copy(a, tmp)
-                    src.fs.mv(tmp, b)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        src.fs.rm(tmp)
-                    raise
+            publish(src.fs, b, dst.atomic_put, lambda target: src.fs.copy(a, target))
         return nbytes
     where = f"{src.url}/{src_key}"
     n = group.chunks_per_shard
@@ -363,31 +367,3 @@ def copy_shard(
         stream.abort()
         raise
     return nbytes
-
-
-def _copy_local(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        shutil.copyfile(src, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dst)
-    except FileNotFoundError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise StorageError(f"{src}: not found while copying to {dst} ({e.strerror or e})") from e
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        hint = "; free space and retry" if e.errno == 28 else ""
-        raise StorageError(f"{dst}: copying {src} failed: {e}{hint}") from e
-    with contextlib.suppress(OSError):
-        fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

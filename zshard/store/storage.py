@@ -22,7 +22,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn, Protocol
 
 from zshard.errors import CorruptDataError, StorageError
@@ -101,9 +101,17 @@ def _raise_translated(exc: Exception, where: str) -> NoReturn:
 # Local file systems
 
 
-class _LocalStream:
-    def __init__(self, path: str) -> None:
+class LocalStream:
+    """A local file written under a temporary name and renamed to ``path`` by ``commit``.
+
+    ``durable`` (checkpoints): the file is fsynced before the rename and its directory after
+    it, so a committed object survives a crash. Scratch files that a crash discards whole
+    (offload swap) pass ``durable=False`` and skip both.
+    """
+
+    def __init__(self, path: str, *, durable: bool = True) -> None:
         self._final = path
+        self._durable = durable
         self._tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._f: IO[bytes] = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit
@@ -117,12 +125,26 @@ class _LocalStream:
                 n = self._f.write(view)
                 view = view[n or 0 :]
 
+    def copy_from(self, src: str) -> None:
+        """Fill the file with the bytes of local file ``src`` (an in-kernel copy)."""
+        try:
+            shutil.copyfile(src, self._tmp)
+        except FileNotFoundError as e:
+            raise StorageError(
+                f"{src}: not found while copying to {self._final} ({e.strerror or e})"
+            ) from e
+        except OSError as e:
+            hint = "; free space and retry" if e.errno == 28 else ""
+            raise StorageError(f"{self._final}: copying {src} failed: {e}{hint}") from e
+
     def commit(self) -> None:
         with translate_errors(self._final):
-            os.fsync(self._f.fileno())
+            if self._durable:
+                os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self._tmp, self._final)
-        _fsync_dir(os.path.dirname(self._final))
+        if self._durable:
+            _fsync_dir(os.path.dirname(self._final))
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -146,8 +168,11 @@ class LocalStorage:
         self.root = os.path.abspath(root)
         self.url = self.root
 
-    def _p(self, key: str) -> str:
+    def os_path(self, key: str) -> str:
+        """The OS path of ``key``."""
         return os.path.join(self.root, *key.split("/")) if key else self.root
+
+    _p = os_path
 
     def child(self, key: str) -> LocalStorage:
         return LocalStorage(self._p(key))
@@ -195,7 +220,7 @@ class LocalStorage:
 
     def write_atomic(self, key: str, data: bytes) -> None:
         with translate_errors(self.url, key):
-            s = _LocalStream(self._p(key))
+            s = LocalStream(self._p(key))
             try:
                 s.write(data)
                 s.commit()
@@ -205,7 +230,7 @@ class LocalStorage:
 
     def open_stream(self, key: str) -> StreamWriter:
         with translate_errors(self.url, key):
-            return _LocalStream(self._p(key))
+            return LocalStream(self._p(key))
 
     def listdir(self, key: str) -> list[str]:
         path = self._p(key)
@@ -231,6 +256,27 @@ class LocalStorage:
 # half-sent multipart stream cannot. The cost is local scratch space for one object at a time.
 SPOOL_MEMORY_BYTES = 16 << 20
 _COPY_BYTES = 8 << 20
+
+
+def publish(fs: Any, path: str, atomic_put: bool, put: Callable[[str], None]) -> None:
+    """Make the whole object ``path`` appear at once: ``put(target)`` writes all of it.
+
+    Object stores (``atomic_put``) publish a PUT, a completed multipart upload or a server-side
+    copy only when it completes, so ``put`` writes ``path`` itself. Other fsspec file systems
+    get a fresh temporary name beside it and a rename; the temporary is removed on failure. A
+    retried call starts again from a fresh name, so a retry repeats a whole, idempotent write.
+    """
+    if atomic_put:
+        put(path)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        put(tmp)
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
 
 
 class _FsspecStream:
@@ -263,29 +309,20 @@ class _FsspecStream:
         self._size += memoryview(data).nbytes
 
     def _upload_once(self) -> None:
-        # Object stores publish a PUT or multipart upload only when it completes; file-like
-        # systems get a temporary name and a rename. Each attempt starts from byte 0 of the spool
-        # and a fresh temporary name, so a retry repeats a whole, idempotent write.
-        target = self._final if self._atomic_put else f"{self._final}.tmp-{uuid.uuid4().hex[:12]}"
+        publish(self._fs, self._final, self._atomic_put, self._upload_to)
+
+    def _upload_to(self, target: str) -> None:
         self._spool.seek(0)
+        if self._size <= SPOOL_MEMORY_BYTES:
+            self._fs.pipe_file(target, self._spool.read())
+            return
+        f = self._fs.open(target, "wb")
         try:
-            if self._size <= SPOOL_MEMORY_BYTES:
-                self._fs.pipe_file(target, self._spool.read())
-            else:
-                f = self._fs.open(target, "wb")
-                try:
-                    while block := self._spool.read(_COPY_BYTES):
-                        f.write(block)
-                    f.close()
-                except BaseException:
-                    _discard(f)
-                    raise
-            if target != self._final:
-                self._fs.mv(target, self._final)
+            while block := self._spool.read(_COPY_BYTES):
+                f.write(block)
+            f.close()
         except BaseException:
-            if target != self._final:
-                with contextlib.suppress(Exception):
-                    self._fs.rm(target)
+            _discard(f)
             raise
 
     def commit(self) -> None:
@@ -310,7 +347,7 @@ def _discard(f: Any) -> None:
 
 class FsspecStorage:
     def __init__(self, url: str, fs: Any = None, path: str | None = None) -> None:
-        import fsspec
+        import fsspec  # why: slow to import; local paths never need it
 
         self.url = url.rstrip("/")
         if fs is None:
@@ -320,7 +357,8 @@ class FsspecStorage:
         self.path = (path or "").rstrip("/")
         protocol = getattr(fs, "protocol", "")
         protocols = {protocol} if isinstance(protocol, str) else set(protocol)
-        self._atomic_put = bool(protocols & _OBJECT_STORES)
+        # Object stores publish whole objects; other file systems need a temporary and a rename.
+        self.atomic_put = bool(protocols & _OBJECT_STORES)
         self.retry_policy = retry.RetryPolicy.from_env()
 
     def _p(self, key: str) -> str:
@@ -377,27 +415,18 @@ class FsspecStorage:
             pos += b.nbytes
 
     def write_atomic(self, key: str, data: bytes) -> None:
+        # One PUT of the same bytes (or a fresh temporary name per attempt): repeating it after
+        # a lost response is harmless.
         path = self._p(key)
-        if self._atomic_put:
-            # One PUT of the same bytes: repeating it after a lost response is harmless.
-            self._call(key, lambda: self.fs.pipe_file(path, data))
-            return
 
-        def via_temporary() -> None:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # fresh per attempt
-            try:
-                self.fs.pipe_file(tmp, data)
-                self.fs.mv(tmp, path)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.fs.rm(tmp)
-                raise
+        def put(target: str) -> None:
+            self.fs.pipe_file(target, data)
 
-        self._call(key, via_temporary)
+        self._call(key, lambda: publish(self.fs, path, self.atomic_put, put))
 
     def open_stream(self, key: str) -> StreamWriter:
         where = f"{self.url}/{key}"
-        return _FsspecStream(self.fs, self._p(key), self._atomic_put, where, self.retry_policy)
+        return _FsspecStream(self.fs, self._p(key), self.atomic_put, where, self.retry_policy)
 
     def listdir(self, key: str) -> list[str]:
         def ls() -> list[str]:

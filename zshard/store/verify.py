@@ -15,7 +15,7 @@ import numpy as np
 from zshard.errors import ZshardError
 from zshard.store import dtypes
 from zshard.store.layout import FlatGroup
-from zshard.store.manifest import ArrayEntry, Manifest
+from zshard.store.manifest import ArrayEntry, Manifest, rank_state_key, unframe_json
 from zshard.store.reader import CheckpointReader
 from zshard.store.shard import (
     CRC_NBYTES,
@@ -27,7 +27,6 @@ from zshard.store.shard import (
     shard_key,
     shard_nbytes,
 )
-from zshard.store.writer import rank_state_key, unframe_json
 
 _WINDOW_BYTES = 32 << 20
 

@@ -1,6 +1,6 @@
 """Writing a checkpoint: every rank writes its own shards, rank 0 commits.
 
-Protocol (DESIGN invariants 1 and 2)::
+Protocol (docs/design.md, invariants 1 and 2)::
 
     rank 0: prepare()           refuse a committed step, clear a crashed leftover of it
     barrier
@@ -22,40 +22,26 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-import crc32c
 import numpy as np
 
+from zshard import __version__
 from zshard.errors import CorruptDataError, ManifestError, OutputExistsError, ZshardError
 from zshard.store import dtypes
 from zshard.store.layout import Layout
 from zshard.store.lock import RootLock
-from zshard.store.manifest import MANIFEST_KEY, ArrayEntry, Manifest, TensorEntry
+from zshard.store.manifest import (
+    MANIFEST_KEY,
+    ArrayEntry,
+    Manifest,
+    TensorEntry,
+    frame_json,
+    rank_state_key,
+)
 from zshard.store.root import apply_retention, step_dir_name, write_latest
 from zshard.store.shard import ShardWriter, array_metadata_bytes, shard_key, shard_nbytes
 from zshard.store.storage import Storage, open_storage
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
-
-
-def rank_state_key(rank: int) -> str:
-    return f"ranks/rank-{rank:05d}.json"
-
-
-def frame_json(obj: Any) -> bytes:
-    """Small JSON documents carry their own crc32c, like the manifest (see manifest.py)."""
-    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-    return b'{"crc32c":"' + f"{crc32c.crc32c(body):08x}".encode() + b'","state":' + body + b"}"
-
-
-def unframe_json(raw: bytes, where: str) -> Any:
-    prefix, middle = b'{"crc32c":"', b'","state":'
-    head = len(prefix) + 8 + len(middle)
-    if not raw.startswith(prefix) or raw[len(prefix) + 8 : head] != middle or raw[-1:] != b"}":
-        raise CorruptDataError(f"{where}: malformed state file")
-    body = raw[head:-1]
-    if raw[len(prefix) : len(prefix) + 8] != f"{crc32c.crc32c(body):08x}".encode():
-        raise CorruptDataError(f"{where}: state file fails its crc32c checksum")
-    return json.loads(body)
 
 
 def encode_bytes(data: bytes) -> str:
@@ -192,8 +178,6 @@ class CheckpointWriter:
         rank_state: bool | None,
         update_latest: bool,
     ) -> Manifest:
-        from zshard import __version__
-
         m = self.manifest
         world = m.layout.world_size
         m.state = dict(state or {})

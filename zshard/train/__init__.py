@@ -1,9 +1,9 @@
 """The ZeRO training core: ``initialize(model, config)`` returns an :class:`Engine`.
 
 Stages 0-3 of data-parallel training on flat groups whose partitions are exactly the shards the
-checkpoint store writes (see DESIGN.md). Private modules: ``_comm`` (collectives), ``_flat``
-(flat groups), ``_build`` (building them), ``_reduce`` (stage 0-2 gradients), ``_stage3``
-(parameter gathering).
+checkpoint store writes. Subpackages by role (docs/design.md): ``config``, ``models``, ``data``,
+``zero`` (collectives, flat groups, reduction, stage-3 gathering), ``optim``, ``offload``,
+``engine``, ``run`` (``zshard train``) and ``report`` (``zshard estimate``, ``zshard plot``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import yaml
 
 from zshard.errors import ConfigError, ZshardError
@@ -30,8 +31,6 @@ def stats_of(cfg: ZshardConfig) -> ModelStats:
 
 def default_nproc() -> int:
     """``zshard train``'s default number of processes on this host: one per GPU, else 2."""
-    import torch  # heavy: only when no --nproc is given
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 

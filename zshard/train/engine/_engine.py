@@ -8,7 +8,7 @@ Run it like DeepSpeed, with no change to model code::
         engine.backward(loss)
         engine.step()                           # steps at the end of each accumulation window
 
-What each stage keeps per rank (N ranks, see DESIGN.md and _flat.FlatParamGroup):
+What each stage keeps per rank (N ranks, see docs/design.md and zero.FlatParamGroup):
 
     stage 0  full params, full grads, full master + optimizer state  (all-reduce at window end)
     stage 1  full params, full grads, master + state partition       (reduce-scatter at window end)
@@ -46,9 +46,15 @@ from zshard.train.zero import (
     Member,
     Stage3,
     WindowReducer,
-    _build,
+    buffer_groups,
+    build_model,
+    build_partitioned,
+    build_replicated,
+    canonical_parameters,
     numel_bytes,
+    prepare_buffers,
     resolve_device,
+    seeded,
 )
 
 log = logging.getLogger("zshard.train")
@@ -108,67 +114,27 @@ class Engine:
         self.checkpointer = Checkpointer(self)
 
         if model_factory is not None:
-            model = _build.build_model(
+            model = build_model(
                 model_factory, seed=cfg.train.seed, device=self.device, meta=self.stage == 3
             )
         assert model is not None
         self.module = model
-        self.param_names, self.ties = _build.canonical_parameters(model)
+        self.param_names, self.ties = canonical_parameters(model)
         self._offload: Offload | None = None
         if cfg.zero.offload_optimizer is not None or cfg.zero.offload_param is not None:
             self._offload = self._start_offload()
-        on_built = self._offload.adopt if self._offload is not None else None
-        if self.stage == 3:
-            with _build.seeded(cfg.train.seed, self.device):
-                self.groups = _build.build_partitioned(
-                    model,
-                    comm=self.comm,
-                    dtype=self.dtype,
-                    device=self.device,
-                    mixed=self.mixed,
-                    persistence_threshold=cfg.zero.param_persistence_threshold,
-                    on_built=on_built,
-                )
-        else:
-            self.groups = _build.build_replicated(
-                self.param_names,
-                stage=self.stage,
-                comm=self.comm,
-                dtype=self.dtype,
-                device=self.device,
-                mixed=self.mixed,
-                on_built=on_built,
-            )
-        self.param_names, _ = _build.canonical_parameters(model)  # materialising made new objects
-        _build.prepare_buffers(
+        self.groups = self._build_groups(model)
+        self.param_names, _ = canonical_parameters(model)  # materialising made new objects
+        prepare_buffers(
             model, comm=self.comm, dtype=self.dtype, device=self.device, mixed=self.mixed
         )
-        self.buffer_groups: list[FlatBufferGroup] = _build.buffer_groups(model, self.comm)
+        self.buffer_groups: list[FlatBufferGroup] = buffer_groups(model, self.comm)
         self._allocate_state()
-
         self._stage3: Stage3 | None = None
-        self._sink: GradSink
-        if self.stage == 3:
-            self._stage3 = Stage3(
-                model, self.groups, self.comm, self.device, cfg.zero.prefetch, self._offload
-            )
-            self._stage3.install()
-            self._sink = self._stage3
-        elif self.stage == 2:
-            self._sink = BucketReducer(self.groups, self.comm, cfg.zero.reduce_bucket_size)
-        else:
-            self._sink = WindowReducer(
-                self.groups, self.comm, self.stage, cfg.zero.reduce_bucket_size
-            )
-        self._hook_handles = []
+        self._sink = self._gradient_sink(model)
+        self._hook_handles: list[Any] = []
         self._member_of: dict[int, tuple[FlatParamGroup, Member]] = {}
-        for g in self.groups:
-            for m in g.members:
-                self._member_of[id(m.param)] = (g, m)
-                if g.trainable:
-                    self._hook_handles.append(
-                        m.param.register_post_accumulate_grad_hook(self._on_grad)
-                    )
+        self._install_grad_hooks()
         log.info(
             "zero stage %d, %s, rank %d/%d: %d flat groups, %d parameters",
             self.stage,
@@ -178,6 +144,57 @@ class Engine:
             len(self.groups),
             sum(g.numel for g in self.groups),
         )
+
+    # -- building (the phases of __init__) -----------------------------------------------------
+
+    def _build_groups(self, model: nn.Module) -> list[FlatParamGroup]:
+        """Flat groups: one per module at stage 3 (materialised one at a time, partitioned),
+        else replicated groups of all parameters; offloaded state adopted as each is built."""
+        cfg = self.config
+        on_built = self._offload.adopt if self._offload is not None else None
+        if self.stage == 3:
+            with seeded(cfg.train.seed, self.device):
+                return build_partitioned(
+                    model,
+                    comm=self.comm,
+                    dtype=self.dtype,
+                    device=self.device,
+                    mixed=self.mixed,
+                    persistence_threshold=cfg.zero.param_persistence_threshold,
+                    on_built=on_built,
+                )
+        return build_replicated(
+            self.param_names,
+            stage=self.stage,
+            comm=self.comm,
+            dtype=self.dtype,
+            device=self.device,
+            mixed=self.mixed,
+            on_built=on_built,
+        )
+
+    def _gradient_sink(self, model: nn.Module) -> GradSink:
+        """Where gradients go as backward produces them: stage 3 reduce-scatters per module
+        (and gathers parameters), stage 2 reduces buckets, stages 0-1 at the window's end."""
+        zero = self.config.zero
+        if self.stage == 3:
+            self._stage3 = Stage3(
+                model, self.groups, self.comm, self.device, zero.prefetch, self._offload
+            )
+            self._stage3.install()
+            return self._stage3
+        if self.stage == 2:
+            return BucketReducer(self.groups, self.comm, zero.reduce_bucket_size)
+        return WindowReducer(self.groups, self.comm, self.stage, zero.reduce_bucket_size)
+
+    def _install_grad_hooks(self) -> None:
+        for g in self.groups:
+            for m in g.members:
+                self._member_of[id(m.param)] = (g, m)
+                if g.trainable:
+                    self._hook_handles.append(
+                        m.param.register_post_accumulate_grad_hook(self._on_grad)
+                    )
 
     def _start_offload(self) -> Offload:
         """Swap spaces checked and created on every rank, before any group is built."""

@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from zshard.errors import InvalidArgumentError
+from zshard.train.models import make_model
 
 # Only Ψ known: a transformer-like model with Ψ ≈ 12·L·d² and d ≈ 128·L (GPT-3's aspect ratio)
 # gives L ≈ (Ψ / 196608)^(1/3) layers; the largest gathered module is taken to be one layer.
@@ -45,10 +48,6 @@ def model_stats(name: str, kwargs: Mapping[str, Any], persistence_threshold: int
         kwargs: the provider's keyword arguments (``ZshardConfig.model_kwargs()``).
         persistence_threshold: modules with fewer parameters stay whole at stage 3.
     """
-    import torch  # heavy: only when a model is really counted
-
-    from zshard.train.models import make_model
-
     with torch.device("meta"):
         model = make_model(name, **kwargs).model
     seen: set[int] = set()

@@ -44,7 +44,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import torch
 
@@ -65,11 +65,8 @@ from zshard.train.offload._swap import (
     new_run_id,
     sweep_stale,
 )
-from zshard.train.zero import FlatParamGroup
-
-if TYPE_CHECKING:
-    from zshard.train.optim import FlatOptimizer
-    from zshard.train.zero import Comm
+from zshard.train.optim import FlatOptimizer
+from zshard.train.zero import Comm, FlatParamGroup
 
 log = logging.getLogger("zshard.train")
 
@@ -403,74 +400,30 @@ class Offload:
             for p in plans
             for a in range(0, p.group.partition_numel, p.sub)
         ]
-        free: queue.Queue[int] = queue.Queue()
-        for i in range(self.buffer_count):
-            free.put(i)
-        abort = threading.Event()
-        open_writers: dict[tuple[int, str], _Rewrite] = {}
-
-        def acquire() -> int:
-            while not abort.is_set():
-                with contextlib.suppress(queue.Empty):
-                    return free.get(timeout=0.05)
-            raise _Aborted
-
-        def read(p: _Plan, a: int, b: int) -> int:
-            slot_id = acquire()
-            try:
-                for role, arr in p.reads():
-                    _read(arr, a, self._slots[slot_id][role][: b - a])
-            except BaseException:
-                free.put(slot_id)
-                abort.set()
-                raise
-            return slot_id
-
-        def write(k: int, p: _Plan, a: int, b: int, slot_id: int) -> None:
-            try:
-                for role, arr in p.writes():
-                    w = open_writers.get((k, role))
-                    if w is None:
-                        w = open_writers[(k, role)] = _Rewrite(arr)
-                    w.write(self._slots[slot_id][role][: b - a])
-                if b == p.group.partition_numel:
-                    for role, _ in p.writes():
-                        open_writers.pop((k, role)).close()
-            except BaseException:
-                abort.set()
-                raise
-            finally:
-                free.put(slot_id)
-
-        plan_index = {id(p): k for k, p in enumerate(plans)}
-        reads = [self._io_read.submit(read, p, a, b) for p, a, b in items]
+        pipe = _Pipeline(self._slots, plans)
+        reads = [self._io_read.submit(pipe.read, p, a, b) for p, a, b in items]
         writes: list[cf.Future[Any]] = []
         try:
             for i, (p, a, b) in enumerate(items):
-                if abort.is_set():
-                    raise _Aborted
+                pipe.check()
                 slot_id = reads[i].result()
                 self._compute(p, a, b, self._slots[slot_id], optimizer, scale, step, lr)
-                writes.append(self._io_write.submit(write, plan_index[id(p)], p, a, b, slot_id))
+                writes.append(self._io_write.submit(pipe.write, p, a, b, slot_id))
             for f in writes:
                 f.result()
-            if abort.is_set():
-                raise _Aborted
+            pipe.check()
         except BaseException as e:
-            abort.set()
+            pipe.abort.set()
             for f in reads:
                 f.cancel()
             cf.wait([*reads, *writes])
-            for w in open_writers.values():
-                w.abort()
+            pipe.abort_writers()
             cause = _first_error([*writes, *reads]) or e
             self.broken = (
                 f"rank {self.rank}: optimizer step {step}: offloaded state I/O failed: {cause}; "
                 "the training state is inconsistent now: restart from the last checkpoint"
             )
-            if not isinstance(
-                cause, Exception
-            ):  # KeyboardInterrupt and the like stay what they are
+            if not isinstance(cause, Exception):  # KeyboardInterrupt and the like stay as they are
                 raise
             raise OffloadError(self.broken) from cause
 
@@ -610,6 +563,67 @@ class Offload:
         for space in self.spaces.values():
             space.close()
         self.spaces.clear()
+
+
+class _Pipeline:
+    """The I/O side of one streamed optimizer step: ``buffer_count`` slots cycle between the
+    reader thread (fills a free slot with a sub-group's stored values), the training thread
+    (updates it) and the writer thread (writes it back, then frees the slot). The first failure
+    sets ``abort``, which every thread checks, so none waits forever for a slot."""
+
+    def __init__(self, slots: list[dict[str, torch.Tensor]], plans: Sequence[_Plan]) -> None:
+        self.slots = slots
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(len(slots)):
+            self.free.put(i)
+        self.abort = threading.Event()
+        self._plan_index = {id(p): k for k, p in enumerate(plans)}
+        self._writers: dict[tuple[int, str], _Rewrite] = {}  # (plan, role) -> its open rewrite
+
+    def check(self) -> None:
+        if self.abort.is_set():
+            raise _Aborted
+
+    def _acquire(self) -> int:
+        while not self.abort.is_set():
+            with contextlib.suppress(queue.Empty):
+                return self.free.get(timeout=0.05)
+        raise _Aborted
+
+    def read(self, p: _Plan, a: int, b: int) -> int:
+        """Reader thread: a free slot filled with elements [a, b) of every stored role."""
+        slot_id = self._acquire()
+        try:
+            for role, arr in p.reads():
+                _read(arr, a, self.slots[slot_id][role][: b - a])
+        except BaseException:
+            self.free.put(slot_id)
+            self.abort.set()
+            raise
+        return slot_id
+
+    def write(self, p: _Plan, a: int, b: int, slot_id: int) -> None:
+        """Writer thread: elements [a, b) of every written role appended to its rewrite, which
+        is published when the partition's last sub-group is written."""
+        k = self._plan_index[id(p)]
+        try:
+            for role, arr in p.writes():
+                w = self._writers.get((k, role))
+                if w is None:
+                    w = self._writers[(k, role)] = _Rewrite(arr)
+                w.write(self.slots[slot_id][role][: b - a])
+            if b == p.group.partition_numel:
+                for role, _ in p.writes():
+                    self._writers.pop((k, role)).close()
+        except BaseException:
+            self.abort.set()
+            raise
+        finally:
+            self.free.put(slot_id)
+
+    def abort_writers(self) -> None:
+        for w in self._writers.values():
+            w.abort()
 
 
 def _first_error(futures: Sequence[cf.Future[Any]]) -> BaseException | None:

@@ -48,8 +48,8 @@ from zshard.store.layout import FlatGroup
 from zshard.store.root import join_url
 from zshard.store.shard import (
     CRC_NBYTES,
+    ChunkWriter,
     ShardWriter,
-    as_bytes,
     copy_shard,
     crc,
     encode_index,
@@ -59,6 +59,7 @@ from zshard.store.shard import (
 )
 from zshard.store.storage import (
     LocalStorage,
+    LocalStream,
     Storage,
     StreamWriter,
     open_storage,
@@ -96,35 +97,6 @@ def local_path(url: str) -> str | None:
 # -- scratch storage: local files without fsync -------------------------------------------------
 
 
-class _ScratchStream:
-    """A local file written under a temporary name and renamed on commit, like the store's
-    streams, minus the fsyncs (see module doc)."""
-
-    def __init__(self, path: str) -> None:
-        self._final = path
-        self._tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._f = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
-
-    def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        with translate_errors(self._final):
-            while view:
-                n = self._f.write(view)
-                view = view[n or 0 :]
-
-    def commit(self) -> None:
-        with translate_errors(self._final):
-            self._f.close()
-            os.replace(self._tmp, self._final)
-
-    def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._f.close()
-        with contextlib.suppress(OSError):
-            os.remove(self._tmp)
-
-
 class ScratchStorage(LocalStorage):
     """Local storage for swap files: streams skip fsync, and reads keep recently read files
     open (``MAX_OPEN`` at most), so the kernel's readahead follows a sub-group by sub-group scan
@@ -138,7 +110,7 @@ class ScratchStorage(LocalStorage):
         self._lock = threading.Lock()
 
     def child(self, key: str) -> ScratchStorage:
-        return ScratchStorage(os.path.join(self.root, *key.split("/")))
+        return ScratchStorage(self.os_path(key))
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -155,7 +127,7 @@ class ScratchStorage(LocalStorage):
             return fd
 
     def readinto(self, key: str, offset: int, buffers: list[memoryview]) -> None:
-        path = os.path.join(self.root, *key.split("/"))
+        path = self.os_path(key)
         want = sum(b.nbytes for b in buffers)
         with translate_errors(self.url, key):
             fd = self._fd(path)
@@ -169,7 +141,7 @@ class ScratchStorage(LocalStorage):
 
     def will_need(self, key: str, offset: int, length: int) -> None:
         """Ask the kernel to start reading a byte range now (asynchronously)."""
-        path = os.path.join(self.root, *key.split("/"))
+        path = self.os_path(key)
         with contextlib.suppress(OSError):
             os.posix_fadvise(self._fd(path), offset, length, os.POSIX_FADV_WILLNEED)
 
@@ -180,8 +152,9 @@ class ScratchStorage(LocalStorage):
                     os.close(self._fds.popitem()[1])
 
     def open_stream(self, key: str) -> StreamWriter:
+        # Scratch: renamed into place like the store's streams, minus the fsyncs (module doc).
         with translate_errors(self.url, key):
-            return _ScratchStream(os.path.join(self.root, *key.split("/")))
+            return LocalStream(self.os_path(key), durable=False)
 
 
 def swap_storage(url: str) -> Storage:
@@ -376,8 +349,7 @@ class SwapArray:
         """A writer of the next version, front to back (see module doc: in place locally, else
         a whole new object replacing this one on ``close``)."""
         if isinstance(self.storage, ScratchStorage):
-            path = os.path.join(self.storage.root, *self.key.split("/"))
-            return InPlaceWriter(path, self.group, self.dt)
+            return InPlaceWriter(self.storage.os_path(self.key), self.group, self.dt)
         self._index_checked = False
         return ShardWriter(self.storage, self.key, self.group, self.dt)
 
@@ -400,25 +372,21 @@ class ArrayWriter(Protocol):
     def abort(self) -> None: ...
 
 
-class InPlaceWriter:
+class InPlaceWriter(ChunkWriter):
     """Overwrites a local shard's chunks front to back, each chunk's data and crc32c in one
     ``pwritev`` at its canonical offset; creates the file (index first) if it is missing.
 
-    Like ``ShardWriter``: pieces of any size, at most one partial chunk buffered, ``close`` pads
-    the rest with zeros. Unlike it, not atomic: chunks are visible as they are written, and a
-    failure leaves the array part old, part new (offload then declares the state broken).
+    Like ``ShardWriter`` (the same ``ChunkWriter`` loop): pieces of any size, at most one partial
+    chunk buffered, ``close`` pads the rest with zeros. Unlike it, not atomic: chunks are visible
+    as they are written, and a failure leaves the array part old, part new (offload then declares
+    the state broken).
     """
 
     def __init__(self, path: str, group: FlatGroup, dt: DType) -> None:
+        super().__init__(path, group, dt)
         self.path = path
-        self.group = group
-        self.dt = dt
-        self._np = dt.numpy
-        self._chunk_bytes = group.chunk_numel * dt.itemsize
         self._base = index_nbytes(group.chunks_per_shard)
-        self._buf = bytearray()
         self._chunks = 0  # whole chunks written
-        self._written = 0  # elements accepted
         size = shard_nbytes(group, dt)
         with translate_errors(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -430,26 +398,6 @@ class InPlaceWriter:
             except BaseException:
                 self.abort()
                 raise
-
-    def write(self, piece: np.ndarray) -> None:
-        if piece.dtype != self._np:
-            raise TypeError(f"{self.path}: got {piece.dtype}, expected {self._np}")
-        if self._written + piece.size > self.group.partition_numel:
-            raise ValueError(f"{self.path}: more elements than the partition holds")
-        self._written += piece.size
-        data = as_bytes(piece)
-        if self._buf:
-            take = min(len(data), self._chunk_bytes - len(self._buf))
-            self._buf += data[:take]
-            data = data[take:]
-            if len(self._buf) == self._chunk_bytes:
-                self._emit(memoryview(self._buf))
-                self._buf = bytearray()
-        while len(data) >= self._chunk_bytes:
-            self._emit(data[: self._chunk_bytes])
-            data = data[self._chunk_bytes :]
-        if len(data):
-            self._buf += data
 
     def _emit(self, chunk: memoryview) -> None:
         assert self._fd is not None
@@ -463,11 +411,7 @@ class InPlaceWriter:
 
     def close(self) -> None:
         try:
-            missing = self.group.partition_numel - self._written
-            while missing > 0:
-                n = min(missing, self.group.chunk_numel)
-                self.write(np.zeros(n, dtype=self._np))
-                missing -= n
+            self._pad()
         finally:
             self.abort()
 

@@ -26,11 +26,15 @@ optimizer state), ``offload_param`` (stage 3 only) the parameter partition.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import psutil
+import torch
 
 from zshard.errors import InvalidArgumentError
 from zshard.train.config import (
@@ -282,9 +286,6 @@ def parse_memory(text: str) -> int:
 
 def default_memory_per_rank(world_size: int) -> tuple[int, str]:
     """This machine's memory for one rank: a GPU's memory, else RAM shared by the local ranks."""
-    import psutil
-    import torch
-
     if torch.cuda.is_available():
         total = int(torch.cuda.get_device_properties(0).total_memory)
         return total, f"memory of GPU 0 ({torch.cuda.get_device_name(0)})"
@@ -523,6 +524,4 @@ def _optimizer_name(name: str) -> OptimizerName:
 
 
 def _replace(inp: EstimateInput, **changes: Any) -> EstimateInput:
-    import dataclasses
-
     return dataclasses.replace(inp, **changes)

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
+
 from zshard.errors import CheckpointNotFoundError, ConfigError, InvalidArgumentError
 from zshard.store.lock import RUN_ID_ENV, RootLock
 from zshard.store.reader import CheckpointReader
@@ -76,8 +78,6 @@ def preflight(cfg: ZshardConfig, world_size: int) -> None:
 
 def _model_shapes(cfg: ZshardConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter name (tied ones included) of the configured model, built on ``meta``."""
-    import torch  # heavy: only when there is a checkpoint to compare with
-
     with torch.device("meta"):
         model = make_model(cfg.model.name, **cfg.model_kwargs()).model
     return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}

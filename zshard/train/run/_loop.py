@@ -9,6 +9,7 @@ so it can show the failing rank's message once.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -20,11 +21,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from zshard.errors import ZshardError
 from zshard.store.storage import open_storage, translate_errors
 from zshard.train.config import ZshardConfig, load_with_deepspeed
 from zshard.train.data import CharDataset, GlobalBatchSampler, collate
+from zshard.train.engine import initialize
 from zshard.train.models import make_model
 
 METRICS_FILE = "metrics.jsonl"
@@ -103,8 +106,6 @@ def evaluate(engine: Any, val: Any, cfg: ZshardConfig, batches: int = 4) -> floa
 
 
 def train(cfg: ZshardConfig) -> dict[str, Any]:
-    from zshard.train import initialize
-
     factory, dataset, val = build(cfg)
     engine = initialize(None, cfg, model_factory=factory)
     rank, world = engine.rank, engine.world_size
@@ -118,8 +119,6 @@ def train(cfg: ZshardConfig) -> dict[str, Any]:
 
     bar = None
     if rank == 0:
-        from tqdm import tqdm
-
         # stdout: the launcher keeps stderr in its log and shows only a failure's root cause.
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", file=sys.stdout)
     tokens_per_step = global_batch * cfg.data.seq_len
@@ -190,8 +189,6 @@ def record_error(exc: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m zshard.train.run._loop")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
