@@ -41,8 +41,8 @@ wheel-check: venv
 		|| { cat "$$tmp/build.log"; exit 1; }; \
 	echo "wheel-check: install $$(cd "$$tmp/dist" && ls *.whl) into a fresh venv"; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
-	"$$tmp/venv/bin/pip" install --quiet "$(TORCH_SPEC)"; \
-	"$$tmp/venv/bin/pip" install --quiet "$$tmp"/dist/zshard-*.whl; \
+	"$$tmp/venv/bin/pip" install --quiet --quiet "$(TORCH_SPEC)"; \
+	"$$tmp/venv/bin/pip" install --quiet --quiet "$$tmp"/dist/zshard-*.whl; \
 	mkdir "$$tmp/work"; cd "$$tmp/work"; \
 	"$$tmp/venv/bin/python" -c 'import importlib.metadata as m, importlib.resources as r; \
 		files = [str(f) for f in m.files("zshard")]; \

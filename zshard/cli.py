@@ -452,6 +452,53 @@ def plot(
     typer.echo(f"wrote {out} ({len(drawn)} run(s))")
 
 
+@app.command()
+def tokenize(
+    input_: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="Local text: a dataset directory (save_to_disk, or data files), or .json/.jsonl/"
+            ".txt/.csv/.parquet files or a quoted glob of them.",
+        ),
+    ],
+    out: Annotated[
+        str, typer.Argument(help="Token file to write (path or URL); its sidecar is OUT.json.")
+    ],
+    tokenizer: Annotated[
+        str,
+        typer.Option(help="Local tokenizer: a save_pretrained directory or a tokenizer.json."),
+    ],
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="uint16 or uint32 (default: uint16 if the vocabulary fits)."),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="Field holding the text.")] = "text",
+    split: Annotated[str, typer.Option(help="Split to tokenize.")] = "train",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Tokenize local text into a flat token file for `data: {name: tokens}` (resumable; nothing
+    is downloaded)."""
+    from zshard.train.data import tokenize as run_tokenize
+
+    res = run_tokenize(
+        input_,
+        out,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        text_field=text_field,
+        split=split,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    resumed = f", resumed after {res.resumed_from} documents" if res.resumed_from else ""
+    typer.echo(
+        f"wrote {res.tokens} tokens ({res.documents} documents, {res.dtype}, vocabulary "
+        f"{res.vocab_size}{resumed}) to {res.out}"
+    )
+
+
 def one_line(message: str) -> str:
     """Fold a message onto one line: pipelines and users read errors one line at a time."""
     return " ".join(message.split())

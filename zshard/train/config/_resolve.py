@@ -3,7 +3,8 @@
 (``stage3_prefetch_bucket_size`` in modules) are resolved by counting it on ``meta``.
 
 Precedence, lowest first: zshard defaults < the DeepSpeed config < keys set in the YAML <
-``--set``. Every DeepSpeed value the YAML overrides is reported, in one warning line.
+``--set``. One warning line reports every DeepSpeed value the YAML overrides, the DeepSpeed keys
+accepted with a warning (they cannot change the result) and what each ``"auto"`` resolved to.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import torch
 import yaml
 
 from zshard.errors import ConfigError, ZshardError
-from zshard.train.config._deepspeed import _BATCH_KEYS, _map, _put, _show, prefetch_modules
+from zshard.train.config._deepspeed import (
+    _BATCH_KEYS,
+    SHORTHAND,
+    _map,
+    _put,
+    _show,
+    _unconverted_note,
+    auto_notes,
+    prefetch_modules,
+)
 from zshard.train.config._load import load_config, read_yaml
 from zshard.train.config._schema import ZshardConfig
 from zshard.train.models.stats import ModelStats, model_stats
@@ -35,11 +45,18 @@ def default_nproc() -> int:
 
 
 def _lookup(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    """Whether the zshard tree sets ``dotted`` (and to what). A section given as one string
+    sets its shorthand field (``precision: bf16`` sets ``precision.dtype``); a section given as
+    another scalar (``activation_checkpointing: false``) sets everything under it."""
     node: Any = tree
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        if isinstance(node, str) and parts[i - 1] == "precision" and i == len(parts) - 1:
-            return (True, node) if part == "dtype" else (False, None)
+        if i and isinstance(node, str) and parts[i - 1] in SHORTHAND:
+            if i == len(parts) - 1 and part == SHORTHAND[parts[i - 1]]:
+                return True, node
+            return False, None
+        if i and node is not None and not isinstance(node, Mapping):
+            return True, node  # a scalar where DeepSpeed sets a key below it
         if not isinstance(node, Mapping) or part not in node:
             return False, None
         node = node[part]
@@ -87,12 +104,14 @@ def apply_deepspeed(
     world_size: int | None,
     *,
     base_dir: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[dict[str, Any], list[str]]:
     """Merge a DeepSpeed config into a zshard config tree (see the module docstring for the
     precedence). ``ds_source`` (a path or mapping; the ``--deepspeed-config`` flag) replaces the
     tree's ``deepspeed:`` key, whose relative paths resolve against ``base_dir`` (the YAML's
-    directory). Returns the merged tree, without ``deepspeed``, for ``load_config``, and the
-    DeepSpeed settings not applied (unsupported, or overridden by the zshard config)."""
+    directory); ``overrides`` (``--set``) only inform the ``"auto"`` notes. Returns the merged tree, without ``deepspeed``, for ``load_config``, and the
+    notes for the warning line (DeepSpeed values the zshard config overrides, keys accepted with
+    a warning, ``"auto"`` resolutions)."""
     merged = copy.deepcopy(dict(tree))
     inline = merged.pop("deepspeed", None)
     if ds_source is None:
@@ -102,7 +121,7 @@ def apply_deepspeed(
     else:
         ds, where = load_deepspeed(ds_source)
     m = _map(ds, world_size, None, where)
-    ignored = list(m.ignored)
+    ignored = list(m.notes)
     yaml_batch = [k for k in _BATCH_KEYS if _lookup(merged, k)[0]]
     for dotted, value in m.leaves.items():
         if dotted in _BATCH_KEYS and yaml_batch:
@@ -116,18 +135,19 @@ def apply_deepspeed(
             ignored.append(
                 f"{m.origin[dotted]} (the zshard config sets {dotted}: {_show(current)})"
             )
-    zero = ds.get("zero_optimization")
-    bucket = zero.get("stage3_prefetch_bucket_size") if isinstance(zero, Mapping) else None
-    if (
-        isinstance(bucket, (int, float))
-        and not isinstance(bucket, bool)
-        and bucket > 0
-        and not _lookup(merged, "zero.prefetch")[0]
-    ):
-        # Needs the model, as merged (DeepSpeed's persistence threshold included).
-        prefetch = prefetch_modules(int(bucket), _stage3_modules(merged))
-        if prefetch is not None:
-            _put(merged, "zero.prefetch", prefetch)
+    unconverted = m.pending.get("unconverted_prefetch")
+    if unconverted is not None:
+        ds_key, bucket = unconverted
+        if _lookup(merged, "zero.prefetch")[0]:
+            ignored.append(f"{ds_key} (the zshard config sets zero.prefetch)")
+        else:
+            # Needs the model, as merged (DeepSpeed's persistence threshold included).
+            prefetch = prefetch_modules(int(bucket), _stage3_modules(merged))
+            if prefetch is not None:
+                _put(merged, "zero.prefetch", prefetch)
+            else:
+                ignored.append(_unconverted_note(ds_key, bucket))
+    ignored += auto_notes(m.auto, merged, overrides)
     return merged, ignored
 
 
@@ -141,14 +161,15 @@ def load_with_deepspeed(
     returns the validated ``ZshardConfig`` and the DeepSpeed settings not applied."""
     tree = read_yaml(config_path)
     base_dir = os.path.dirname(os.path.abspath(config_path))
-    merged, ignored = apply_deepspeed(tree, ds_source, world_size, base_dir=base_dir)
+    merged, ignored = apply_deepspeed(
+        tree, ds_source, world_size, base_dir=base_dir, overrides=overrides
+    )
     return load_config(merged, overrides), ignored
 
 
-def warning_line(ignored: Sequence[str]) -> str:
-    """One line naming every DeepSpeed setting that was not applied."""
-    n = len(ignored)
-    return (
-        f"zshard: warning: {n} DeepSpeed setting{'s' if n != 1 else ''} not applied: "
-        + "; ".join(ignored)
+def warning_line(notes: Sequence[str]) -> str:
+    """One line with every note about the DeepSpeed config (see :func:`apply_deepspeed`)."""
+    n = len(notes)
+    return f"zshard: warning: DeepSpeed config, {n} note{'s' if n != 1 else ''}: " + "; ".join(
+        notes
     )

@@ -108,6 +108,13 @@ class CharDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def collate(
     dataset: Dataset[tuple[torch.Tensor, torch.Tensor]], indices: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the samples at ``indices`` into ``(x, y)`` of shape (len(indices), seq_len)."""
+    """Stack the samples at ``indices`` into ``(x, y)`` of shape (len(indices), seq_len).
+
+    A dataset with a ``read_batch(indices)`` method (token files) reads the batch itself, its
+    remote blocks fetched concurrently."""
+    read_batch = getattr(dataset, "read_batch", None)
+    if callable(read_batch):
+        x, y = read_batch(list(indices))
+        return x, y
     pairs = [dataset[i] for i in indices]
     return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])

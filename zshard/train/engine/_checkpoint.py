@@ -309,15 +309,40 @@ class _Write:
     ):
         self.snap, self.comm, self.rank, self.cfg = snap, comm, rank, cfg
         self.overwrite = overwrite
+        # checkpoint.save_16bit: rank 0 exports the committed step directory (engine._export).
+        self.export: Callable[[str], Any] | None = None
 
     def __call__(self) -> None:
         try:
             writer = self._phase("preparing", self._prepare)
             self._phase("writing shards", lambda: self._shards(writer))
             self._phase("committing", lambda: self._commit(writer))
+            if self.export is not None:
+                self._export()
         finally:
             for release in self.snap.release:
                 release()
+
+    def _export(self) -> None:
+        """After the commit: the 16-bit weights next to it (their own all-or-nothing write)."""
+        assert self.export is not None
+        url = join_url(self.snap.root, step_dir_name(self.snap.step))
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self.export(url)
+            except BaseException as e:
+                error = e
+        if self.comm.checkpoint_any(error is not None):
+            if error is not None:
+                raise ZshardError(
+                    f"checkpoint step {self.snap.step} is committed, but writing its 16-bit "
+                    f"weights (checkpoint.save_16bit) failed: {error}"
+                ) from error
+            raise ZshardError(
+                f"checkpoint step {self.snap.step} is committed, but rank 0 failed to write its "
+                "16-bit weights (checkpoint.save_16bit)"
+            )
 
     def _phase(self, name: str, work: Callable[[], Any]) -> Any:
         ok = False
@@ -396,6 +421,12 @@ class Checkpointer:
         engine.comm.ensure_checkpoint_group()
         snap = _snapshot(engine, root, extra, copy=use_async)
         write = _Write(snap, engine.comm, engine.rank, cfg, overwrite)
+        if cfg.save_16bit:
+            from zshard.train.engine._export import export_checkpoint, hf_config_json
+
+            module = getattr(engine, "module", None)
+            dtype, config_json = engine.config.precision.dtype, hf_config_json(module)
+            write.export = lambda url: export_checkpoint(url, dtype, config_json)
         if use_async:
             self._saver.submit(write)
         else:

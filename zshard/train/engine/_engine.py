@@ -10,10 +10,19 @@ Run it like DeepSpeed, with no change to model code::
 
 What each stage keeps per rank (N ranks, see docs/design.md and zero.FlatParamGroup):
 
-    stage 0  full params, full grads, full master + optimizer state  (all-reduce at window end)
-    stage 1  full params, full grads, master + state partition       (reduce-scatter at window end)
-    stage 2  full params, grad partition, master + state partition   (bucketed, during backward)
+    stage 0  full params, full grads, full master + optimizer state  (all-reduce)
+    stage 1  full params, full grads, master + state partition       (reduce to owners, gather)
+    stage 2  full params, grad partition, master + state partition   (reduce to owners, gather)
     stage 3  param/grad/master/state partitions                      (gather per module, _stage3)
+
+Communication overlaps compute (``zero.overlap_comm``, default true; zero/_reduce.py,
+zero/_gather.py, zero/_stage3.py): gradient buckets are reduced with asynchronous collectives
+started from the gradient hooks during backward (stages 0-1 in the window's last backward),
+waited for at ``step()``; at stages 1-2 the updated partitions are all-gathered per bucket after
+the step and each bucket is waited for just before the first module using it in the next
+forward. ``synchronize()`` waits for everything in flight (saving, loading and
+``gathered_parameters()`` call it). The optimizer update runs in windows of ``UPDATE_WINDOW``
+elements through one reused scratch buffer; staging buffers are allocated once at start-up.
 
 ``zero.offload_optimizer`` (stages 1-3) moves master and optimizer state, ``zero.offload_param``
 (stage 3) the parameter partitions, to host memory or store-format swap files on any fsspec
@@ -35,17 +44,27 @@ from torch import nn
 from zshard.errors import InvalidArgumentError, ZshardError
 from zshard.train.config import ZshardConfig, load_config
 from zshard.train.engine._checkpoint import Checkpointer
+from zshard.train.models import apply_activation_checkpointing
 from zshard.train.offload import Offload, OffloadError, SwapArray, any_rank, offload_bytes
-from zshard.train.optim import FlatOptimizer, LossScaler, build_optimizer, lr_at, module_dtype
+from zshard.train.optim import (
+    FlatOptimizer,
+    LossScaler,
+    TensorwiseItem,
+    build_optimizer,
+    lr_at,
+    module_dtype,
+    optimizer_at,
+    tensorwise_step,
+)
 from zshard.train.zero import (
-    BucketReducer,
     Comm,
     FlatBufferGroup,
     FlatParamGroup,
+    GradReducer,
     GradSink,
     Member,
+    ParamGather,
     Stage3,
-    WindowReducer,
     buffer_groups,
     build_model,
     build_partitioned,
@@ -58,6 +77,8 @@ from zshard.train.zero import (
 )
 
 log = logging.getLogger("zshard.train")
+
+UPDATE_WINDOW = 1 << 20  # elements per optimizer-update window (elementwise optimizers)
 
 ConfigSource = ZshardConfig | Mapping[str, Any] | str | Path | None
 
@@ -119,6 +140,7 @@ class Engine:
             )
         assert model is not None
         self.module = model
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
         self.param_names, self.ties = canonical_parameters(model)
         self._offload: Offload | None = None
         if cfg.zero.offload_optimizer is not None or cfg.zero.offload_param is not None:
@@ -135,6 +157,28 @@ class Engine:
         self._hook_handles: list[Any] = []
         self._member_of: dict[int, tuple[FlatParamGroup, Member]] = {}
         self._install_grad_hooks()
+        self._gather: ParamGather | None = None
+        if self.stage in (1, 2) and self.comm.distributed:
+            self._gather = ParamGather(
+                model,
+                self.groups,
+                self.comm,
+                bucket_numel=cfg.zero.allgather_bucket_size,
+                overlap=cfg.zero.overlap_comm,
+                device=self.device,
+            )
+            self._gather.install()
+        self._scratch = self._update_scratch()
+        self._comm_mark = self.comm.counters()  # counters at the end of the last step
+        self._comm_last: dict[str, dict[str, int]] = _counter_delta(
+            self._comm_mark, self._comm_mark
+        )
+        if self.rank == 0:
+            log.info(
+                "%s; overlap_comm %s",
+                self.comm.describe(),
+                "on" if cfg.zero.overlap_comm else "off",
+            )
         log.info(
             "zero stage %d, %s, rank %d/%d: %d flat groups, %d parameters",
             self.stage,
@@ -179,13 +223,37 @@ class Engine:
         zero = self.config.zero
         if self.stage == 3:
             self._stage3 = Stage3(
-                model, self.groups, self.comm, self.device, zero.prefetch, self._offload
+                model,
+                self.groups,
+                self.comm,
+                self.device,
+                zero.prefetch,
+                self._offload,
+                overlap=zero.overlap_comm,
             )
             self._stage3.install()
             return self._stage3
-        if self.stage == 2:
-            return BucketReducer(self.groups, self.comm, zero.reduce_bucket_size)
-        return WindowReducer(self.groups, self.comm, self.stage, zero.reduce_bucket_size)
+        return GradReducer(
+            self.groups,
+            self.comm,
+            stage=self.stage,
+            bucket_numel=zero.reduce_bucket_size,
+            overlap=zero.overlap_comm,
+            device=self.device,
+        )
+
+    def _update_scratch(self) -> torch.Tensor | None:
+        """One fp32 buffer for the windowed update, allocated once: the optimizer's temporaries
+        (first half) and, when gradients are not fp32, the window's fp32 gradient (second)."""
+        if not getattr(self.optimizer, "elementwise", False) or self._offload is not None:
+            return None
+        trainable = [g for g in self.groups if g.trainable]
+        if not trainable:
+            return None
+        span = max(g.update_range[1] - g.update_range[0] for g in trainable)
+        n = min(UPDATE_WINDOW, span)
+        halves = 1 if self.grad_dtype == torch.float32 else 2
+        return torch.empty(halves * n, dtype=torch.float32, device=self.device)
 
     def _install_grad_hooks(self) -> None:
         for g in self.groups:
@@ -275,8 +343,10 @@ class Engine:
             )
         self._window_micro += 1
         self.micro_steps += 1
+        boundary = self._window_micro == self.grad_accum
+        self._sink.begin_backward(boundary)
         (loss.float() * (self.scaler.scale / self.grad_accum)).backward()
-        self._sink.finish_backward(self._window_micro == self.grad_accum)
+        self._sink.finish_backward(boundary)  # reductions may still be in flight
 
     def step(self) -> bool:
         """At the end of an accumulation window, update the weights (True if it did; False
@@ -285,11 +355,24 @@ class Engine:
             return False
         self._window_micro = 0
         self.global_step += 1
+        self._sink.wait()  # the window's reductions: group.grad is complete from here
         stepped = self._update()
         self.zero_grad()
+        mark = self.comm.counters()
+        self._comm_last = _counter_delta(mark, self._comm_mark)
+        self._comm_mark = mark
         return stepped
 
+    def synchronize(self) -> None:
+        """Wait for every collective in flight: reductions of gradients and, at stages 1-2,
+        the all-gather of updated parameters (which the next forward waits for module by
+        module). Call it before reading parameters outside their modules' forward."""
+        self._sink.wait()
+        if self._gather is not None:
+            self._gather.wait_all()
+
     def zero_grad(self) -> None:
+        self._sink.wait()
         for g in self.groups:
             if g.grad is not None:
                 g.grad.zero_()
@@ -309,11 +392,12 @@ class Engine:
         for g in trainable:
             sumsq += torch.linalg.vector_norm(g.grad_for_norm(), dtype=torch.float32) ** 2
         total = float(self.comm.all_reduce(sumsq).item())
-        if self.scaler.enabled and not math.isfinite(total):
+        if not math.isfinite(total):
+            # Skipped in every precision, as DeepSpeed's ZeRO does (bf16: check_grad_overflow).
             self.scaler.update(overflow=True)
             self.skipped_steps += 1
             log.info(
-                "step %d: gradient overflow, skipped; loss scale now %g",
+                "step %d: gradient overflow (non-finite), skipped; loss scale now %g",
                 self.global_step,
                 self.scaler.scale,
             )
@@ -323,11 +407,18 @@ class Engine:
         clip = self.config.grad_clip
         coef = min(1.0, clip / (self.grad_norm + 1e-6)) if clip > 0 else 1.0  # torch's rule
         lr = self.lr
+        # One-cycle schedules set Adam's and LAMB's beta1 per update (DeepSpeed's OneCycle).
+        optimizer = optimizer_at(self.optimizer, self.optimizer_steps, self.config.scheduler)
         self.optimizer_steps += 1
         if self._offload is not None:
-            self._offloaded_update(trainable, unscale * coef, lr)
+            self._offloaded_update(trainable, unscale * coef, lr, optimizer)
+        elif getattr(optimizer, "tensorwise", False):
+            self._tensorwise_update(trainable, unscale * coef, lr, optimizer)
         else:
             for g in trainable:
+                if self._scratch is not None and getattr(optimizer, "elementwise", False):
+                    self._windowed_update(g, optimizer, unscale * coef, lr)
+                    continue
                 grad = g.grad_for_update()
                 grad = (
                     grad.mul_(unscale * coef)
@@ -335,17 +426,45 @@ class Engine:
                     else grad.float().mul_(unscale * coef)
                 )
                 assert g.master is not None
-                self.optimizer.update(g.master, grad, g.state, step=self.optimizer_steps, lr=lr)
+                optimizer.update(g.master, grad, g.state, step=self.optimizer_steps, lr=lr)
                 self._copy_master(g)
-        for g in trainable:
-            self._share_partition(g)
+        if self._gather is not None:
+            self._gather.start()  # every rank's updated partition to all, overlapping forward
         if self._stage3 is not None:
             self._stage3.refresh_persistent()
             self._stage3.after_step()
         self.scaler.update(overflow=False)
         return True
 
-    def _offloaded_update(self, trainable: list[FlatParamGroup], scale: float, lr: float) -> None:
+    def _tensorwise_update(
+        self, trainable: list[FlatParamGroup], scale: float, lr: float, optimizer: Any
+    ) -> None:
+        """LAMB: per-tensor norms over pieces cut across ranks, one all-reduce of their sums."""
+        items = []
+        for g in trainable:
+            grad = g.grad_for_update()
+            grad = grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)
+            lo, hi = g.update_range
+            segments = [
+                (min(max(m.offset, lo), hi) - lo, min(max(m.offset + m.numel, lo), hi) - lo)
+                for m in g.members
+            ]
+            assert g.master is not None
+            items.append(TensorwiseItem(g.master, grad, g.state, segments))
+        whole = self.stage == 0 or not self.comm.distributed
+        tensorwise_step(
+            optimizer,
+            items,
+            None if whole else self.comm.all_reduce,
+            step=self.optimizer_steps,
+            lr=lr,
+        )
+        for g in trainable:
+            self._copy_master(g)
+
+    def _offloaded_update(
+        self, trainable: list[FlatParamGroup], scale: float, lr: float, optimizer: Any = None
+    ) -> None:
         """The step streamed through offloaded state (offload.py); every rank learns whether any
         failed before the all-gathers, so none is left waiting for a peer that gave up."""
         assert self._offload is not None
@@ -355,7 +474,7 @@ class Engine:
                 trainable,
                 {g.name: g.grad_for_update() for g in trainable},
                 scale,
-                self.optimizer,
+                optimizer if optimizer is not None else self.optimizer,
                 step=self.optimizer_steps,
                 lr=lr,
             )
@@ -375,18 +494,31 @@ class Engine:
         if not g.master_is_param:
             (g.flat if self.stage == 0 else g.param_part).copy_(g.master)  # type: ignore[union-attr]
 
-    def _share_partition(self, g: FlatParamGroup) -> None:
-        """Stages 1-2: every rank's updated partition to all (in column buckets)."""
-        if self.stage in (1, 2) and self.comm.distributed:
-            assert g.flat is not None and g.param_part is not None
-            n, p = self.world_size, g.partition_numel
-            columns = max(1, self.config.zero.allgather_bucket_size // n)
-            by_rank = g.flat.view(n, p)
-            for a in range(0, p, columns):
-                b = min(p, a + columns)
-                out = torch.empty(n * (b - a), dtype=g.dtype, device=self.device)
-                self.comm.all_gather(out, g.param_part[a:b])
-                by_rank[:, a:b].copy_(out.view(n, b - a))
+    def _windowed_update(
+        self, g: FlatParamGroup, optimizer: FlatOptimizer, scale: float, lr: float
+    ) -> None:
+        """An elementwise optimizer's update of ``g``, window by window through the scratch
+        buffer: the same arithmetic as one call on the whole range, no partition-sized
+        temporary (a non-fp32 gradient is converted one window at a time)."""
+        scratch = self._scratch
+        assert scratch is not None and g.master is not None
+        grad, master = g.grad_for_update(), g.master
+        window = min(UPDATE_WINDOW, scratch.numel() // (1 if grad.dtype == torch.float32 else 2))
+        opt_scratch = scratch[:window]
+        param = None if g.master_is_param else (g.flat if self.stage == 0 else g.param_part)
+        for a in range(0, master.numel(), window):
+            b = min(master.numel(), a + window)
+            gw = grad[a:b]
+            if gw.dtype == torch.float32:
+                gw = gw.mul_(scale)
+            else:
+                gw = scratch[window : window + b - a].copy_(gw).mul_(scale)
+            state = {k: t[a:b] for k, t in g.state.items()}
+            optimizer.update(  # type: ignore[call-arg]
+                master[a:b], gw, state, step=self.optimizer_steps, lr=lr, scratch=opt_scratch
+            )
+            if param is not None:
+                param[a:b].copy_(master[a:b])
 
     # -- parameters as a whole -----------------------------------------------------------------
 
@@ -395,6 +527,7 @@ class Engine:
         """Full parameters in ``engine.module`` for inspection or editing (stage 3 gathers them;
         other stages hold them already). On exit, edits made on ``modifier_rank`` (every rank's
         own edits if None) are written back to the partitions and to the fp32 master."""
+        self.synchronize()
         s3 = self._stage3
         if s3 is not None:
             s3.hold_all = True
@@ -464,6 +597,10 @@ class Engine:
         buffers = sum(numel_bytes(b) for b in self.module.buffers())
         off = self._offload.memory() if self._offload is not None else {}
         slots = off.get("offload_buffers", 0)
+        comm = self._sink.buffer_bytes() + (
+            self._gather.buffer_bytes() if self._gather is not None else 0
+        )
+        scratch = numel_bytes(self._scratch)
         return {
             "params": params,
             "grads": grads,
@@ -474,12 +611,37 @@ class Engine:
             "buffers": buffers,
             # Off the rank: host memory (device cpu) or swap files (nvme); not in the total.
             "offloaded": off.get("offloaded", 0),
+            # Allocated once at start-up, reused every step; not in the total (model states).
+            "comm_buffers": comm,  # gradient-bucket and all-gather staging slots
+            "update_scratch": scratch,  # the windowed optimizer update's buffer
+            "total_with_buffers": params + grads + master + optim + slots + comm + scratch,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this rank: ``comm`` is what the last completed step (from the end of
+        the step before, forward and backward included, to the end of its update) handed to
+        torch.distributed, per kind of collective: ``calls``, ``bytes`` and
+        ``cross_node_bytes`` (see ``Comm.counters``); ``comm_total`` the same since start-up.
+        ``in_flight`` counts collectives started and not yet waited for."""
+        last = self._comm_last
+        return {
+            "global_step": self.global_step,
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+            "collectives": self.comm.mode,
+            "overlap_comm": self.config.zero.overlap_comm,
+            "comm": last,
+            "comm_bytes": sum(c["bytes"] for c in last.values()),
+            "comm_cross_node_bytes": sum(c["cross_node_bytes"] for c in last.values()),
+            "comm_total": self.comm.counters(),
+            "in_flight": self.comm.in_flight,
         }
 
     def state_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
         """This rank's partition (P,) of every (flat group, state kind) held in memory (offload
         device ``cpu`` included): exactly its shards. Kinds offloaded to files are in
         :meth:`offloaded_shards` instead."""
+        self.synchronize()
         out: dict[tuple[str, str], torch.Tensor] = {}
         host = self._offload.host_tensors() if self._offload is not None else {}
         for g in self.groups:
@@ -548,11 +710,15 @@ class Engine:
     def save(self, root_url: str | None = None, *, extra: Mapping[str, Any] | None = None) -> str:
         """Save a checkpoint under ``root_url`` (default ``checkpoint.dir``); every rank writes its
         own shards. Returns the step directory's URL. See :mod:`zshard.train.engine._checkpoint`."""
+        self.synchronize()
         return self.checkpointer.save(root_url, extra=extra)
 
     def load(self, url: str | None = None) -> dict[str, Any]:
         """Load a checkpoint saved at any world size and stage; returns the saved ``extra``."""
-        return self.checkpointer.load(url)
+        self.synchronize()
+        out = self.checkpointer.load(url)
+        self._comm_mark = self.comm.counters()  # a load's traffic is no step's
+        return out
 
     def maybe_save(self, *, extra: Mapping[str, Any] | None = None) -> str | None:
         """Save if ``checkpoint.every`` divides ``global_step`` (and a directory is set)."""
@@ -569,6 +735,23 @@ class Engine:
         """Block until a pending async save has committed (re-raising its error)."""
         self.checkpointer.wait()
 
+    def save_16bit_model(
+        self, save_dir: str, *, max_shard_size: str = "5GB", overwrite: bool = False
+    ) -> str | None:
+        """DeepSpeed's ``save_16bit_model``: the weights in the module dtype as a Hugging
+        Face-loadable safetensors directory (``config.json`` too for an HF model). Every rank
+        calls it; stage 3 gathers one module at a time; rank 0 writes, all or nothing. Returns
+        ``save_dir`` on rank 0 (None elsewhere). See :mod:`zshard.train.engine._export`."""
+        from zshard.train.engine._export import save_16bit_model
+
+        return save_16bit_model(
+            self,
+            save_dir,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            agree=lambda failed: any_rank(self.comm, self.device, failed),
+        )
+
     # -- conveniences --------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> Engine:
@@ -582,11 +765,14 @@ class Engine:
         """Finish pending saves and remove hooks. The process group stays up for later engines
         (re-creating one on the same port races) unless ``destroy_process_group``."""
         self.wait_for_save()
+        self.synchronize()
         for h in self._hook_handles:
             h.remove()
         self._hook_handles.clear()
         if self._stage3 is not None:
             self._stage3.remove()
+        if self._gather is not None:
+            self._gather.remove()
         if self._offload is not None:
             self._offload.close()
         if destroy_process_group:
@@ -595,6 +781,13 @@ class Engine:
 
 def _slicer(src: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
     return lambda a, b: src[a:b]
+
+
+def _counter_delta(
+    now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Per kind, ``now - before`` of every counter."""
+    return {k: {f: v - before[k][f] for f, v in c.items()} for k, c in now.items()}
 
 
 def _edits(new: torch.Tensor, changed: torch.Tensor) -> Callable[[torch.Tensor, int, int], None]:

@@ -16,13 +16,19 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from zshard.errors import ConfigError
+from zshard.train.models._checkpointing import (
+    ActivationCheckpointing,
+    apply_activation_checkpointing,
+)
 from zshard.train.models.gpt import GPT, GPTConfig, build_model, num_params
 
 __all__ = [
     "GPT",
+    "ActivationCheckpointing",
     "MODELS",
     "GPTConfig",
     "ModelAndData",
+    "apply_activation_checkpointing",
     "build_model",
     "gpt",
     "hf",
@@ -40,8 +46,11 @@ class ModelAndData(NamedTuple):
     dataset: Dataset[Any] | None
 
 
-def gpt(*, activation_checkpointing: bool = False, **kwargs: Any) -> GPT:
-    """The built-in provider: ``GPTConfig(**kwargs)`` with ``vocab_size`` defaulting to 256."""
+def gpt(*, activation_checkpointing: Any = False, **kwargs: Any) -> GPT:
+    """The built-in provider: ``GPTConfig(**kwargs)`` with ``vocab_size`` defaulting to 256.
+
+    ``activation_checkpointing``: ``train.activation_checkpointing``; a mapping is applied by
+    the engine (:func:`apply_activation_checkpointing`)."""
     kwargs.setdefault("vocab_size", BYTE_VOCAB_SIZE)
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(kwargs) - fields)
@@ -50,7 +59,7 @@ def gpt(*, activation_checkpointing: bool = False, **kwargs: Any) -> GPT:
             f"unknown option(s) for model 'gpt': {', '.join(unknown)}; "
             f"valid: {', '.join(sorted(fields | {'activation_checkpointing'}))}"
         )
-    return build_model(GPTConfig(**kwargs), activation_checkpointing=activation_checkpointing)
+    return build_model(GPTConfig(**kwargs), activation_checkpointing=activation_checkpointing is True)
 
 
 def hf(**kwargs: Any) -> nn.Module:

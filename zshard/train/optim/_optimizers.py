@@ -6,13 +6,18 @@ of the same shape. The checkpoint store saves state kinds by key (DESIGN invaria
 optimizer whose state is elementwise fits. The arithmetic follows the single-tensor paths of
 ``torch.optim.AdamW``/``Adam``/``SGD`` so results match them elementwise. The step counter is one
 scalar per optimizer (every flat group steps together) and lives in the checkpoint's JSON state.
+
+Optimizers whose update is elementwise (``elementwise = True``: Adam, AdamW, SGD) may be called on
+any window of a partition; the engine calls them window by window (``UPDATE_WINDOW`` elements)
+and passes a reused fp32 ``scratch`` buffer, so a step allocates nothing partition-sized. Their
+own temporaries go through that buffer (or one they keep), or are done in place on ``grad``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -48,7 +53,16 @@ class FlatOptimizer(Protocol):
     def hyperparams(self) -> dict[str, Any]: ...
 
 
-_UPDATE_WINDOW = 1 << 20  # elements per optimizer-update window
+UPDATE_WINDOW = 1 << 20  # elements per optimizer-update window
+
+
+def _scratch(cache: dict[Any, torch.Tensor], like: torch.Tensor, numel: int) -> torch.Tensor:
+    """A buffer of at least ``numel`` elements like ``like``, kept in ``cache`` for reuse."""
+    key = (like.dtype, like.device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,10 @@ class Adam:
     eps: float
     weight_decay: float
     decoupled: bool
+    elementwise: ClassVar[bool] = True
+    _cache: dict[Any, torch.Tensor] = field(
+        default_factory=dict, compare=False, repr=False, hash=False
+    )
 
     @property
     def name(self) -> str:
@@ -76,14 +94,16 @@ class Adam:
         *,
         step: int,
         lr: float,
+        scratch: torch.Tensor | None = None,
     ) -> None:
+        """``scratch``: an fp32 buffer for the denominator (any size; one is kept otherwise)."""
         beta1, beta2 = self.betas
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if self.weight_decay:
             if self.decoupled:
                 param.mul_(1 - lr * self.weight_decay)
             else:
-                grad = grad.add(param, alpha=self.weight_decay)
+                grad = grad.add_(param, alpha=self.weight_decay)  # in place: same bits
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
@@ -92,9 +112,11 @@ class Adam:
         # temporary would cost another partition of memory every step (same ops, same bits).
         p, m, v = param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
         n = v.numel()
-        scratch = torch.empty(min(n, _UPDATE_WINDOW), dtype=v.dtype, device=v.device)
-        for lo in range(0, n, _UPDATE_WINDOW):
-            hi = min(lo + _UPDATE_WINDOW, n)
+        if scratch is None or scratch.dtype != v.dtype or scratch.device != v.device:
+            scratch = _scratch(self._cache, v, min(n, UPDATE_WINDOW))
+        window = min(scratch.numel(), UPDATE_WINDOW) or 1
+        for lo in range(0, n, window):
+            hi = min(lo + window, n)
             denom = torch.sqrt(v[lo:hi], out=scratch[: hi - lo])
             denom.div_(bias_correction2_sqrt).add_(self.eps)
             p[lo:hi].addcdiv_(m[lo:hi], denom, value=-lr / bias_correction1)
@@ -111,6 +133,7 @@ class SGD:
     nesterov: bool
     weight_decay: float
     name: str = "sgd"
+    elementwise: ClassVar[bool] = True
 
     @property
     def state_keys(self) -> tuple[str, ...]:
@@ -124,15 +147,17 @@ class SGD:
         *,
         step: int,
         lr: float,
+        scratch: torch.Tensor | None = None,
     ) -> None:
+        # In place on ``grad`` (the protocol allows it): no temporary, the same bits.
         if self.weight_decay:
-            grad = grad.add(param, alpha=self.weight_decay)
+            grad = grad.add_(param, alpha=self.weight_decay)
         if self.momentum:
             buf = state["momentum_buffer"]
             # torch starts the buffer as a copy of the first gradient; with no dampening,
             # 0 * momentum + grad is the same thing, so a zero-initialised buffer matches.
             buf.mul_(self.momentum).add_(grad)
-            grad = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
+            grad = grad.add_(buf, alpha=self.momentum) if self.nesterov else buf
         param.add_(grad, alpha=-lr)
 
     def hyperparams(self) -> dict[str, Any]:
@@ -144,6 +169,18 @@ class SGD:
 
 
 def build_optimizer(cfg: OptimizerConfig) -> FlatOptimizer:
+    if cfg.name == "lamb":
+        from zshard.train.optim._lamb import Lamb
+
+        return Lamb(
+            cfg.betas,
+            cfg.eps,
+            cfg.weight_decay,
+            max_coeff=cfg.max_coeff,
+            min_coeff=cfg.min_coeff,
+            bias_correction=cfg.bias_correction,
+            eps_inside_sqrt=cfg.eps_inside_sqrt,
+        )
     if cfg.name == "sgd":
         return SGD(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     return Adam(

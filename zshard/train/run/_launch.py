@@ -15,20 +15,30 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
-from zshard.errors import CheckpointNotFoundError, ConfigError, InvalidArgumentError
+from zshard.errors import CheckpointNotFoundError, ConfigError, InvalidArgumentError, ZshardError
 from zshard.store.lock import RUN_ID_ENV, RootLock
 from zshard.store.reader import CheckpointReader
+from zshard.store.root import join_url, latest_name
+from zshard.store.storage import open_storage
 from zshard.train.config import ZshardConfig, default_nproc, load_with_deepspeed, warning_line
 from zshard.train.engine import check_model_matches, holds_checkpoints, resume_source
 from zshard.train.models import make_model
 from zshard.train.offload import preflight as check_offload
+from zshard.train.run._stop import (
+    EXIT_STOPPED,
+    PREEMPT_ENV,
+    STOP_REQUEST_FILE,
+    STOPPED_FILE,
+    read_json,
+    signal_name,
+)
+from zshard.train.run._supervise import RunSignals, run_attempt
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +94,9 @@ def _model_shapes(cfg: ZshardConfig) -> dict[str, tuple[int, ...]]:
 
 
 def launch(config_path: str, opts: LaunchConfig) -> int:
-    """Run training; returns the exit code (0 ok, 1 worker failure, 2 bad input)."""
+    """Run training; returns the exit code: 0 done, 1 a worker failed, 2 bad input,
+    :data:`EXIT_STOPPED` (75) stopped by a signal after committing a checkpoint, 128 + N ended
+    by signal N without one (``checkpoint.on_signal: exit``, or a second signal)."""
     nproc = opts.nproc or default_nproc()
     multi_node = opts.nnodes not in ("1", "1:1")
     cfg, ignored = load_with_deepspeed(
@@ -94,7 +106,8 @@ def launch(config_path: str, opts: LaunchConfig) -> int:
         print(warning_line(ignored), file=sys.stderr)
     if not multi_node:
         preflight(cfg, nproc)
-    # One run per checkpoint root (lock.py): the launcher lives as long as the run, restarts
+    # One run per checkpoint root (lock.py): the launcher lives as long as the run (it returns
+    # only once every process of the run is gone, and they die with it: _stop), restarts
     # included, so it holds the root's lock and its workers inherit the run id. Under c10d
     # rendezvous across nodes no launcher knows it hosts global rank 0: there each save's rank 0
     # locks the root while it writes (CheckpointWriter.prepare).
@@ -102,7 +115,9 @@ def launch(config_path: str, opts: LaunchConfig) -> int:
     if cfg.checkpoint.dir and (not multi_node or opts.node_rank == 0):
         lock = RootLock(cfg.checkpoint.dir, purpose=f"zshard train {config_path}").acquire()
     try:
-        return _run(config_path, opts, nproc, lock)
+        ckpt = cfg.checkpoint
+        with RunSignals(ckpt.preempt_signal, ckpt.on_signal, bool(ckpt.dir)) as signals:
+            return _run(config_path, opts, nproc, lock, cfg, signals)
     finally:
         if lock is not None:
             if lock.lost:
@@ -114,7 +129,32 @@ def launch(config_path: str, opts: LaunchConfig) -> int:
             lock.release()
 
 
-def _run(config_path: str, opts: LaunchConfig, nproc: int, lock: RootLock | None) -> int:
+def last_committed(root: str | None) -> str | None:
+    """The newest committed checkpoint under ``root`` (None: none, or unreadable)."""
+    if not root:
+        return None
+    try:
+        name = latest_name(open_storage(root))
+    except ZshardError:
+        return None
+    return join_url(root, name) if name else None
+
+
+def _last_note(root: str | None) -> str:
+    if not root:
+        return "no checkpoint.dir: nothing was saved"
+    last = last_committed(root)
+    return f"last committed checkpoint {last}" if last else f"no checkpoint committed in {root}"
+
+
+def _run(
+    config_path: str,
+    opts: LaunchConfig,
+    nproc: int,
+    lock: RootLock | None,
+    cfg: ZshardConfig,
+    signals: RunSignals,
+) -> int:
     # Restarts on one node are the launcher's, not torch.distributed.run's: torch 2.13 restarts a
     # failed worker group on the agent's TCPStore of the failed attempt, without a per-attempt key
     # prefix, and the restarted workers read the dead workers' gloo addresses from it ("Gloo
@@ -123,24 +163,96 @@ def _run(config_path: str, opts: LaunchConfig, nproc: int, lock: RootLock | None
     # together, so there torch's own --max-restarts stays in charge.
     multi_node = opts.nnodes not in ("1", "1:1")
     attempts = 1 if multi_node else opts.max_restarts + 1
+    root = cfg.checkpoint.dir
     for attempt in range(attempts):
-        code, error_dir, log_path = _run_once(config_path, opts, nproc, lock, attempt, multi_node)
+        code, error_dir, log_path = _run_once(
+            config_path, opts, nproc, lock, attempt, multi_node, cfg, signals
+        )
+        ended = _ended_by_signal(code, error_dir, root, signals)
+        if ended is not None:
+            shutil.rmtree(error_dir, ignore_errors=True)
+            return ended
         if code == 0:
+            shutil.rmtree(error_dir, ignore_errors=True)
+            _report_success(root)
             return 0
         first = _first_error(error_dir)
-        if attempt + 1 == attempts or (first is not None and first.get("bad_input")):
-            return report_failure(error_dir, log_path)
-        killed = _tail(log_path)
+        stopping = signals.first or os.path.exists(os.path.join(error_dir, STOP_REQUEST_FILE))
+        if attempt + 1 == attempts or stopping or (first is not None and first.get("bad_input")):
+            return report_failure(error_dir, log_path, root, single_node=not multi_node)
+        killed = _tail(log_path, single_node=not multi_node)
         if first is not None and " was killed by " not in killed:
             cause = f"rank {first['rank']}: {first['message']}"
         else:
             cause = killed
+        last = last_committed(root)
+        where = f", {last}" if last else " (none committed yet: from the start)"
         print(
             f"zshard: worker group failed ({' '.join(cause.split())[:300]}); restarting from the "
-            f"newest checkpoint (restart {attempt + 1} of {opts.max_restarts}; log: {log_path})",
+            f"newest checkpoint{where} (restart {attempt + 1} of {opts.max_restarts}; log: "
+            f"{log_path})",
             file=sys.stderr,
         )
     raise AssertionError("unreachable")
+
+
+def _ended_by_signal(
+    code: int, error_dir: str, root: str | None, signals: RunSignals
+) -> int | None:
+    """The exit code of an attempt that a signal ended (after its one line), else None."""
+    if signals.aborted:
+        name = signal_name(signals.aborted)
+        print(
+            f"zshard: aborted by a second {name}: every process of the run was killed; "
+            f"{_last_note(root)} (intact); rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + signals.aborted
+    stopped = read_json(os.path.join(error_dir, STOPPED_FILE))
+    if stopped is not None and code == 0:
+        step, name = stopped.get("step"), stopped.get("signal", "a signal")
+        checkpoint = stopped.get("checkpoint")
+        signum = int(getattr(signal.Signals, str(name), signal.SIGTERM))
+        if stopped.get("on_signal") == "save" and checkpoint:
+            print(
+                f"zshard: stopped at step {step} by {name}; checkpoint {checkpoint}; rerun the "
+                "same command to resume",
+                file=sys.stderr,
+            )
+            return EXIT_STOPPED
+        why = (
+            "without saving (checkpoint.on_signal: exit)"
+            if stopped.get("on_signal") == "exit" and root
+            else "before any checkpoint"
+        )
+        print(
+            f"zshard: stopped at step {step} by {name} {why}; {_last_note(root)}; rerun the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    if code < 0 and not os.path.exists(os.path.join(error_dir, "rank-0.json")):
+        # The agent itself was killed (a second signal sent to it, the OOM killer): its workers
+        # died with it (PR_SET_PDEATHSIG), leaving no error of their own.
+        name = signal_name(-code)
+        print(
+            f"zshard: error: the elastic agent (torch.distributed.run) was killed by {name}; "
+            f"its workers with it; {_last_note(root)}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 - code
+    return None
+
+
+def _report_success(root: str | None) -> None:
+    last = last_committed(root)
+    if last is None:
+        print(f"zshard: done; {_last_note(root)}", flush=True)
+        return
+    print(
+        f"zshard: done: checkpoint {last}; next: zshard consolidate {last} model.safetensors",
+        flush=True,
+    )
 
 
 def _run_once(
@@ -150,13 +262,15 @@ def _run_once(
     lock: RootLock | None,
     attempt: int,
     multi_node: bool,
+    cfg: ZshardConfig,
+    signals: RunSignals,
 ) -> tuple[int, str, str]:
     error_dir = tempfile.mkdtemp(prefix="zshard-errors-")
     log_path = os.path.join(error_dir, "launcher.log")
+    # torch.distributed.run, through _agent.py (run as a script: see there).
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "_agent.py"),
         f"--nproc-per-node={nproc}",
         f"--nnodes={opts.nnodes}",
         f"--max-restarts={opts.max_restarts if multi_node else 0}",
@@ -185,19 +299,19 @@ def _run_once(
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc))
         ),
     )
+    env[PREEMPT_ENV] = cfg.checkpoint.preempt_signal or ""
     if lock is not None:
         env[RUN_ID_ENV] = lock.run_id
     with open(log_path, "wb") as log:
         # The launcher's own failure report is long and repeats per rank: keep it in the log and
         # show the root cause once. Workers print progress on stdout, which passes through.
-        proc = subprocess.run(cmd, env=env, stderr=log, check=False)
-    if proc.returncode == 0:
-        shutil.rmtree(error_dir, ignore_errors=True)
-    return proc.returncode, error_dir, log_path
+        code = run_attempt(cmd, env, log, signals, error_dir)
+    return code, error_dir, log_path
 
 
 def _first_error(error_dir: str) -> dict | None:
-    """The root cause among the ranks' error files: bad input first, else the earliest."""
+    """The root cause among the ranks' error files: bad input first, then a rank's own failure
+    before a failure it only saw on another rank, else the earliest."""
     errors = []
     for path in glob.glob(os.path.join(error_dir, "rank-*.json")):
         try:
@@ -208,24 +322,35 @@ def _first_error(error_dir: str) -> dict | None:
     if not errors:
         return None
     # The earliest error is the root cause; others are usually peers losing their connection.
-    return min(errors, key=lambda e: (not e.get("bad_input"), e.get("time", 0)))
+    return min(
+        errors,
+        key=lambda e: (not e.get("bad_input"), bool(e.get("secondary")), e.get("time", 0)),
+    )
 
 
-def report_failure(error_dir: str, log_path: str) -> int:
+def report_failure(
+    error_dir: str, log_path: str, root: str | None = None, *, single_node: bool = True
+) -> int:
+    """One line for a failed run: the rank that failed and its signal or error, and the last
+    committed checkpoint. Returns the exit code (2 bad input, else 1)."""
     first = _first_error(error_dir)
-    tail = _tail(log_path)
+    tail = _tail(log_path, single_node=single_node)
     if first is None or (not first.get("bad_input") and " was killed by " in tail):
         # A worker killed by a signal leaves no error file; its peers' errors are consequences.
-        print(f"zshard: error: training failed: {tail} (full log: {log_path})", file=sys.stderr)
+        print(
+            f"zshard: error: training failed: {tail}; {_last_note(root)} (full log: {log_path})",
+            file=sys.stderr,
+        )
         return 1
+    note = "" if first.get("bad_input") else f"; {_last_note(root)}"
     print(
-        f"zshard: error: rank {first['rank']}: {first['message']} (full log: {log_path})",
+        f"zshard: error: rank {first['rank']}: {first['message']}{note} (full log: {log_path})",
         file=sys.stderr,
     )
     return 2 if first.get("bad_input") else 1
 
 
-def _tail(path: str) -> str:
+def _tail(path: str, *, single_node: bool = True) -> str:
     """The root cause in torch.distributed.run's log: a worker killed by a signal (its peers'
     errors are then only consequences), else the last meaningful line."""
     try:
@@ -236,12 +361,16 @@ def _tail(path: str) -> str:
     for line in lines:
         m = _FAILED.search(line)
         if m and int(m.group(1)) < 0:
-            sig = -int(m.group(1))
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = f"signal {sig}"
-            return f"local rank {m.group(2)} (pid {m.group(3)}) was killed by {name}"
+            name = signal_name(-int(m.group(1)))
+            local, pid = m.group(2), m.group(3)
+            # On one node the global rank is the local rank.
+            who = (
+                f"rank {local} (local rank {local}, pid {pid})"
+                if single_node
+                else f"local rank {local} (pid {pid})"
+            )
+            oom = " (the kernel's OOM killer also sends SIGKILL)" if name == "SIGKILL" else ""
+            return f"{who} was killed by {name}{oom}"
     meaningful = [line for line in lines if any(c.isalnum() for c in line)]
     return meaningful[-1][:300] if meaningful else "no output"
 
@@ -250,4 +379,4 @@ def _tail(path: str) -> str:
 _FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 
 
-__all__ = ["LaunchConfig", "launch", "preflight"]
+__all__ = ["EXIT_STOPPED", "LaunchConfig", "last_committed", "launch", "preflight"]

@@ -10,6 +10,7 @@ so it can show the failing rank's message once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -24,11 +25,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from zshard.errors import ZshardError
+from zshard.store.root import join_url, step_dir_name
 from zshard.store.storage import open_storage, translate_errors
 from zshard.train.config import ZshardConfig, load_with_deepspeed
-from zshard.train.data import CharDataset, GlobalBatchSampler, collate
-from zshard.train.engine import initialize
+from zshard.train.data import GlobalBatchSampler, collate, model_vocab_size, open_data
+from zshard.train.engine import initialize, resume_source
 from zshard.train.models import make_model
+from zshard.train.run._saves import SaveFailed, Saves
+from zshard.train.run._stop import (
+    AGENT_PID_ENV,
+    StopSignals,
+    agree,
+    die_with_parent,
+    stop_signals,
+    write_stopped,
+)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -43,15 +54,20 @@ def build(cfg: ZshardConfig) -> tuple[Any, Any, Any]:
         provided[:] = [made.dataset]
         return made.model
 
-    # Build once on the meta device: no memory, and it tells us whether the provider brings data.
+    # Build once on the meta device: no memory, and it tells us whether the provider brings data
+    # and how many token ids the model embeds (the data is checked against it).
     with torch.device("meta"):
-        factory()
+        meta_model = factory()
     dataset = provided[0]
     val = None
     if dataset is None:
-        path = None if cfg.data.name == "builtin" else cfg.data.name
-        dataset = CharDataset(path, seq_len=cfg.data.seq_len, split="train")
-        val = CharDataset(path, seq_len=cfg.data.seq_len, split="val")
+        # hf_dataset: the first process on a node tokenizes (showing progress), the others wait.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dataset, val = open_data(
+            **dataclasses.asdict(cfg.data),
+            vocab_size=model_vocab_size(meta_model),
+            progress=local_rank == 0,
+        )
     return factory, dataset, val
 
 
@@ -105,7 +121,10 @@ def evaluate(engine: Any, val: Any, cfg: ZshardConfig, batches: int = 4) -> floa
     return mean_across_ranks(sum(losses) / len(losses), engine.device)
 
 
-def train(cfg: ZshardConfig) -> dict[str, Any]:
+def train(cfg: ZshardConfig, stop: StopSignals | None = None) -> dict[str, Any]:
+    """Train ``cfg.train.steps`` steps (from the resume point), or until the ranks agree to
+    stop (``stop``: this rank's signals and the launcher's stop request; see ``_stop``)."""
+    stop = stop or StopSignals(error_dir="")  # nothing but the caller's own signals
     factory, dataset, val = build(cfg)
     engine = initialize(None, cfg, model_factory=factory)
     rank, world = engine.rank, engine.world_size
@@ -113,8 +132,13 @@ def train(cfg: ZshardConfig) -> dict[str, Any]:
     sampler = GlobalBatchSampler(len(dataset), global_batch, cfg.train.seed)
 
     ckpt_dir = cfg.checkpoint.dir
-    engine.resume()  # checkpoint.resume, decided as the launcher decided it
+    resumed = engine.resume()  # checkpoint.resume, decided as the launcher decided it
     start = engine.global_step
+    saves = None
+    if ckpt_dir:
+        here = resumed is not None and resume_source(cfg.checkpoint) == ckpt_dir
+        known = join_url(ckpt_dir, step_dir_name(start)) if here else None
+        saves = Saves(engine, cfg.checkpoint, known)
     log = MetricsLog(ckpt_dir, fresh=start == 0) if (rank == 0 and ckpt_dir) else None
 
     bar = None
@@ -123,7 +147,15 @@ def train(cfg: ZshardConfig) -> dict[str, Any]:
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", file=sys.stdout)
     tokens_per_step = global_batch * cfg.data.seq_len
     last: dict[str, Any] = {}
+    stopped = 0
     for step in range(start, cfg.train.steps):
+        # Every rank, before every step: stop here if any rank was asked to (all at one step).
+        agreed = agree(engine.comm, engine.device, stop.seen(), saves.failed_code() if saves else 0)
+        if saves is not None:
+            saves.report(agreed.reporter, rank)
+        if agreed.signum:
+            stopped = agreed.signum
+            break
         t0 = time.perf_counter()
         total = 0.0
         for a in range(accum):
@@ -158,17 +190,20 @@ def train(cfg: ZshardConfig) -> dict[str, Any]:
         log_every = max(1, cfg.train.log_every)
         if log is not None and ((step + 1) % log_every == 0 or step + 1 == cfg.train.steps):
             log.append(record)
-        if ckpt_dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-            engine.save(ckpt_dir)
-    if (
-        ckpt_dir
-        and engine.global_step > start
-        and (not cfg.checkpoint.every or engine.global_step % cfg.checkpoint.every)
-    ):
-        engine.save(ckpt_dir)
+        if saves is not None and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+            saves.periodic()  # checkpoint.on_error decides what a failure does
+    checkpoint = None
+    if saves is not None:
+        agreed = agree(engine.comm, engine.device, 0, saves.failed_code())
+        saves.report(agreed.reporter, rank)  # a failure held back at the last periodic save
+        if engine.global_step > start and not (stopped and cfg.checkpoint.on_signal == "exit"):
+            saves.last()  # synchronous: committed before this process reports anything
+        checkpoint = saves.settled()
     engine.close()
     if bar is not None:
         bar.close()
+    if stopped:
+        write_stopped(engine.global_step, stopped, checkpoint, cfg.checkpoint.on_signal)
     return last
 
 
@@ -181,7 +216,10 @@ def record_error(exc: BaseException) -> None:
     info = {
         "rank": int(rank),
         "time": time.time(),
-        "bad_input": isinstance(exc, ZshardError),
+        # A failed save is a run failure (exit 1): only other ZshardErrors are bad input.
+        "bad_input": isinstance(exc, ZshardError) and not isinstance(exc, SaveFailed),
+        # Another rank's failure, seen from here: the launcher shows the root cause first.
+        "secondary": bool(getattr(exc, "secondary", False)),
         "message": f"{type(exc).__name__}: {exc}" if not isinstance(exc, ZshardError) else str(exc),
     }
     with translate_errors(directory), open(os.path.join(directory, f"rank-{rank}.json"), "w") as f:
@@ -189,6 +227,10 @@ def record_error(exc: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Die with the agent that started us (a SIGKILLed launcher takes its agent along), and stop
+    # gracefully on SIGINT/SIGTERM/SIGHUP from the first moment (see _stop).
+    die_with_parent(int(os.environ.get(AGENT_PID_ENV, "0")) or None)
+    stop = StopSignals().install()
     parser = argparse.ArgumentParser(prog="python -m zshard.train.run._loop")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -199,9 +241,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg, _ = load_with_deepspeed(
             args.config, args.overrides, args.deepspeed_config, world_size
         )  # the launcher already showed the warning for settings not applied
-        train(cfg)
+        stop.install(stop_signals(cfg.checkpoint.preempt_signal))
+        train(cfg, stop)
     except BaseException as exc:
         record_error(exc)
+        if isinstance(exc, SaveFailed):
+            print(f"zshard: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            sys.exit(1)
         if isinstance(exc, ZshardError):
             print(f"zshard: error: {' '.join(str(exc).split())}", file=sys.stderr)
             sys.exit(2)

@@ -1,6 +1,7 @@
 """The ZeRO machinery below the engine: collectives (``Comm``), flat groups and their
-partitions, building them from a model, gradient reduction (stages 0-2) and stage-3 parameter
-gathering. Nothing above this package calls torch.distributed directly."""
+partitions, building them from a model, gradient reduction (stages 0-2), the parameter all-gather
+after the step (stages 1-2), stage-3 parameter gathering and the staging slots they reuse. Nothing
+above this package calls torch.distributed directly."""
 
 from zshard.train.zero._build import (
     buffer_groups,
@@ -12,27 +13,46 @@ from zshard.train.zero._build import (
     seeded,
     target_dtype,
 )
-from zshard.train.zero._comm import Comm, Work, resolve_device
+from zshard.train.zero._comm import (
+    KINDS,
+    MODE_ENV,
+    Comm,
+    Handle,
+    Work,
+    collective_mode,
+    resolve_device,
+)
 from zshard.train.zero._flat import FlatBufferGroup, FlatParamGroup, Member, numel_bytes
-from zshard.train.zero._reduce import BucketReducer, GradSink, WindowReducer
+from zshard.train.zero._gather import ParamGather
+from zshard.train.zero._reduce import DoubleGradientError, GradReducer, GradSink
+from zshard.train.zero._slots import GATHER_SLOTS, STAGE2_SLOTS, STAGE3_SLOTS, SlotPool
 from zshard.train.zero._stage3 import ParamSource, Stage3
 
 __all__ = [
-    "BucketReducer",
+    "GATHER_SLOTS",
+    "KINDS",
+    "MODE_ENV",
+    "STAGE2_SLOTS",
+    "STAGE3_SLOTS",
     "Comm",
+    "DoubleGradientError",
     "FlatBufferGroup",
     "FlatParamGroup",
+    "GradReducer",
     "GradSink",
+    "Handle",
     "Member",
+    "ParamGather",
     "ParamSource",
+    "SlotPool",
     "Stage3",
-    "WindowReducer",
     "Work",
     "buffer_groups",
     "build_model",
     "build_partitioned",
     "build_replicated",
     "canonical_parameters",
+    "collective_mode",
     "numel_bytes",
     "prepare_buffers",
     "resolve_device",

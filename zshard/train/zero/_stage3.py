@@ -4,12 +4,21 @@ Each rank keeps only its partition of every flat group (one group per module own
 
 - Forward: a forward pre-hook gathers the module's groups (its own and any tied group it uses);
   the forward hook releases them and registers a hook on each output that requires grad.
+- Release frees the gathered parameters in place, as FSDP does: every group has one full-size
+  tensor for the whole run whose storage is resized to 0 bytes on release
+  (``untyped_storage().resize_(0)``) and back to full size for the next gather. Autograd's saved
+  tensors (views such as ``weight.t()``) point at that same storage, so the memory is really
+  returned between forward and backward, and the re-gather before backward refills exactly what
+  they see.
 - Backward: the first output hook to fire (the gradient w.r.t. the module's output exists, so the
-  module's backward is next) gathers the groups again and *holds* them; gradients arrive through
-  the parameters' post-accumulate hooks into a full-size staging buffer, and once every
-  parameter of a group has its gradient the buffer is reduce-scattered into the group's (P,)
-  gradient partition and the group is released. A held group is not released by a forward hook,
-  which matters for activation checkpointing: the recomputed forward runs inside backward.
+  module's backward is next) gathers the groups again and *holds* them. Gradients arrive through
+  the parameters' post-accumulate hooks and are kept (autograd's tensors) until every parameter
+  of the group has one; then they are copied into one of ``STAGE3_SLOTS`` staging slots
+  (allocated once), an asynchronous reduce-scatter of the slot into the group's (P,) gradient
+  partition starts, and the group is released. With every slot in flight, the hook waits for
+  the oldest: a bounded number of reduce-scatters in flight; the engine waits for the rest at the
+  optimizer step. A held group is not released by a forward hook, which matters for activation
+  checkpointing: the recomputed forward runs inside backward.
 - Prefetch: the first training iteration records the order groups are used in forward and in
   backward; later, using a group starts asynchronous all-gathers of the next ``prefetch``.
 - Groups smaller than the persistence threshold stay whole on every rank (``persistent``).
@@ -19,6 +28,8 @@ Each rank keeps only its partition of every flat group (one group per module own
   a prefetched gather finds its partition read), and the next step's first groups are read as
   soon as the optimizer has written them (``after_step``).
 
+``zero.overlap_comm: false`` waits for each reduce-scatter inside the hook (the blocking path).
+
 Invariant: every rank issues the same gathers and reduce-scatters in the same order. That holds
 when every rank runs the same modules (as with any ZeRO-3 implementation); leftovers are flushed
 in group order at the end of backward.
@@ -27,6 +38,7 @@ in group order at the end of backward.
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -34,8 +46,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from zshard.train.zero._comm import Comm, Work
+from zshard.train.zero._comm import Comm, Handle, Work
 from zshard.train.zero._flat import FlatParamGroup, Member
+from zshard.train.zero._slots import STAGE3_SLOTS, SlotPool
 
 _FWD, _BWD = "fwd", "bwd"
 
@@ -61,6 +74,10 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _nbytes(numel: int, dtype: torch.dtype) -> int:
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
 class Stage3:
     """Owns the stage-3 hooks; also the gradient sink for stage 3."""
 
@@ -72,6 +89,8 @@ class Stage3:
         device: torch.device,
         prefetch: int,
         params: ParamSource | None = None,
+        *,
+        overlap: bool = True,
     ) -> None:
         self.groups = list(groups)
         self.params = params
@@ -79,6 +98,7 @@ class Stage3:
         self.comm = comm
         self.device = device
         self.prefetch = prefetch
+        self.overlap = overlap
         self.hold_all = False  # inside gathered_parameters()
         self._by_name = {g.name: g for g in self.groups}
         by_param = {id(m.param): g for g in self.groups for m in g.members}
@@ -90,15 +110,27 @@ class Stage3:
                     used.append(by_param[id(p)])
             if used:
                 self.module_groups[module] = used
+        # name -> the group's full-size tensor, kept for the run; storage 0 bytes when released
+        self._full: dict[str, torch.Tensor] = {}
         # name -> (full buffer, its all-gather, the partition it reads)
         self._inflight: dict[str, tuple[torch.Tensor, Work, torch.Tensor]] = {}
-        self._staging: dict[str, torch.Tensor] = {}
+        self._held: dict[str, dict[int, torch.Tensor]] = {}  # name -> id(member) -> gradient
+        self._reductions: deque[Handle] = deque()
         self._pending: dict[str, int] = {}
         self._reduced: set[str] = set()
         self._trace: dict[str, list[FlatParamGroup]] | None = {_FWD: [], _BWD: []}
         self._order: dict[str, list[FlatParamGroup]] = {_FWD: [], _BWD: []}
         self._position: dict[str, dict[str, int]] = {_FWD: {}, _BWD: {}}
         self._handles: list[RemovableHandle] = []
+        trainable = [g for g in self.groups if g.trainable]
+        self._slots: SlotPool | None = None
+        self._parts: SlotPool | None = None
+        if comm.distributed and trainable:
+            count = STAGE3_SLOTS
+            full = max(_nbytes(g.padded_numel, g.dtype) for g in trainable)
+            part = max(_nbytes(g.partition_numel, g.dtype) for g in trainable)
+            self._slots = SlotPool(count, full, device)
+            self._parts = SlotPool(count, part, device)  # slot i of both is used together
         self._reset_pending()
 
     def install(self) -> None:
@@ -111,7 +143,27 @@ class Stage3:
             h.remove()
         self._handles.clear()
 
+    def buffer_bytes(self) -> int:
+        return sum(p.nbytes for p in (self._slots, self._parts) if p is not None)
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for h in self._reductions if not h.done)
+
     # -- gather / release ----------------------------------------------------------------------
+
+    def _full_buffer(self, g: FlatParamGroup) -> torch.Tensor:
+        """``g``'s full-size tensor with its storage allocated (again)."""
+        full = self._full.get(g.name)
+        if full is None:
+            full = torch.empty(g.padded_numel, dtype=g.dtype, device=self.device)
+            self._full[g.name] = full
+        else:
+            storage = full.untyped_storage()
+            need = _nbytes(g.padded_numel, g.dtype)
+            if storage.nbytes() < need:
+                storage.resize_(need)
+        return full
 
     def _start_gather(self, g: FlatParamGroup) -> torch.Tensor:
         if g.name in self.offloaded:
@@ -120,7 +172,7 @@ class Stage3:
         else:
             assert g.param_part is not None
             part = g.param_part
-        buf = torch.empty(g.padded_numel, dtype=g.dtype, device=self.device)
+        buf = self._full_buffer(g)
         self._inflight[g.name] = (buf, self.comm.all_gather(buf, part, async_op=True), part)
         return buf
 
@@ -144,12 +196,17 @@ class Stage3:
         if g.persistent or self.hold_all or g.fwd_active > 0 or g.bwd_hold or g.flat is None:
             return
         g.detach()
+        full = self._full.get(g.name)
+        if full is not None:
+            full.untyped_storage().resize_(0)  # saved views of it are refilled by the next gather
 
     def release_all(self) -> None:
         """Wait for prefetches and release every group nothing holds (after an eval forward)."""
-        for name, (_, work, part) in self._inflight.items():
+        for name, (buf, work, part) in self._inflight.items():
             work.wait()
             self._gathered(self._by_name[name], part)
+            if self._by_name[name].flat is None:
+                buf.untyped_storage().resize_(0)
         self._inflight.clear()
         for g in self.groups:
             g.fwd_active, g.bwd_hold = 0, False
@@ -209,25 +266,58 @@ class Stage3:
     def _reset_pending(self) -> None:
         self._pending = {g.name: len(g.members) for g in self.groups if g.trainable}
         self._reduced.clear()
+        self._held.clear()
+
+    def begin_backward(self, boundary: bool) -> None:
+        pass
 
     def on_grad(self, group: FlatParamGroup, member: Member, grad: torch.Tensor) -> None:
-        buf = self._staging.get(group.name)
-        if buf is None:
-            buf = torch.zeros(group.padded_numel, dtype=grad.dtype, device=grad.device)
-            self._staging[group.name] = buf
-        buf[member.offset : member.offset + member.numel].add_(grad.reshape(-1))
+        flat = grad.reshape(-1)
+        if self._slots is None:  # one rank: the partition is the whole group
+            assert group.grad is not None
+            group.grad[member.offset : member.offset + member.numel].add_(flat)
+        else:
+            self._held.setdefault(group.name, {})[id(member)] = flat
         self._pending[group.name] -= 1
         if self._pending[group.name] == 0:
             self._reduce(group)
 
+    def _take_slot(self) -> int:
+        assert self._slots is not None
+        while (i := self._slots.take()) is None:
+            self._reductions.popleft().wait()  # its completion gives its slot back
+        return i
+
     def _reduce(self, g: FlatParamGroup) -> None:
+        """Start reduce-scattering ``g``'s gradients (zero where none arrived); release it."""
         assert g.grad is not None
-        full = self._staging.pop(g.name, None)
-        if full is None:  # no gradient reached this group: its contribution is zero
-            full = torch.zeros(g.padded_numel, dtype=g.dtype, device=self.device)
-        part = torch.empty(g.partition_numel, dtype=full.dtype, device=self.device)
-        self.comm.reduce_scatter(part, full)
-        g.grad.add_(part)
+        held = self._held.pop(g.name, {})
+        if self._slots is not None:
+            assert self._parts is not None
+            slots, parts = self._slots, self._parts
+            i = self._take_slot()
+            full = slots.view(i, g.dtype, g.padded_numel)
+            for m in g.members:
+                grad = held.get(id(m))
+                dest = full[m.offset : m.offset + m.numel]
+                if grad is None:
+                    dest.zero_()
+                else:
+                    dest.copy_(grad)
+            full[g.numel :].zero_()
+            del held
+            part = parts.view(i, g.dtype, g.partition_numel)
+            grad_part = g.grad
+
+            def finish() -> None:
+                grad_part.add_(part)
+                slots.give(i)
+
+            self._reductions.append(
+                self.comm.reduce_scatter(part, full, async_op=True).then(finish)
+            )
+            if not self.overlap:
+                self.wait()
         self._reduced.add(g.name)
         g.bwd_hold = False
         self.maybe_release(g)
@@ -245,6 +335,10 @@ class Stage3:
                 ph: {g.name: i for i, g in enumerate(gs)} for ph, gs in self._order.items()
             }
             self._trace = None
+
+    def wait(self) -> None:
+        while self._reductions:
+            self._reductions.popleft().wait()
 
     def refresh_persistent(self) -> None:
         """After the optimizer step: persistent groups take their partitions' new values."""
