@@ -32,17 +32,20 @@ test: lint
 # The package as a user gets it, with no checkout: build the sdist and, from it, the wheel; install
 # the wheel into a fresh virtual environment (torch first, as above); from a directory outside the
 # checkout run `zshard demo`, `zshard init` and 3 steps of `zshard train tiny`, then verify the
-# checkpoint. Any failure fails the target; the temporary directory is removed either way.
+# checkpoint. Any failure fails the target; the temporary directory is removed either way. For
+# speed the throwaway venv gets no pip of its own (.venv's pip installs into it with --python) and
+# no byte-compiling; the build uses .venv's setuptools (--no-isolation).
 wheel-check: venv
 	@set -eu; unset PYTHONPATH; \
 	tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/zshard-wheel-check.XXXXXX"); trap 'rm -rf "$$tmp"' EXIT; \
 	echo "wheel-check: build the sdist and wheel"; \
-	$(BIN)/python -m build --outdir "$$tmp/dist" . >"$$tmp/build.log" 2>&1 \
+	$(BIN)/python -m build --no-isolation --outdir "$$tmp/dist" . >"$$tmp/build.log" 2>&1 \
 		|| { cat "$$tmp/build.log"; exit 1; }; \
 	echo "wheel-check: install $$(cd "$$tmp/dist" && ls *.whl) into a fresh venv"; \
-	$(PYTHON) -m venv "$$tmp/venv"; \
-	"$$tmp/venv/bin/pip" install --quiet --quiet "$(TORCH_SPEC)"; \
-	"$$tmp/venv/bin/pip" install --quiet --quiet "$$tmp"/dist/zshard-*.whl; \
+	$(PYTHON) -m venv --without-pip "$$tmp/venv"; \
+	install() { $(BIN)/pip --python "$$tmp/venv/bin/python" install -qq --no-compile "$$@"; }; \
+	install "$(TORCH_SPEC)"; \
+	install "$$tmp"/dist/zshard-*.whl; \
 	mkdir "$$tmp/work"; cd "$$tmp/work"; \
 	"$$tmp/venv/bin/python" -c 'import importlib.metadata as m, importlib.resources as r; \
 		files = [str(f) for f in m.files("zshard")]; \

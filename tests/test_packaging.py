@@ -2,7 +2,8 @@
 ``py.typed`` marker and the built-in configs.
 
 The build (``python -m build``: the sdist, then the wheel from the unpacked sdist, so nothing in
-the checkout's ``build/`` can leak in) takes a few seconds. ``make wheel-check`` goes further:
+the checkout's ``build/`` can leak in; ``--no-isolation``: this environment's setuptools, from the
+``test`` extra) takes a few seconds. ``make wheel-check`` goes further:
 it installs the wheel into a fresh virtual environment and runs ``zshard demo`` and
 ``zshard train tiny`` there.
 """
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("dist")
     r = subprocess.run(
-        [sys.executable, "-m", "build", "--outdir", str(out), str(REPO)],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(REPO)],
         capture_output=True,
         text=True,
         timeout=240,

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +32,7 @@ sys.path.insert(0, REPO)
 from tests.harness import moto_server, new_bucket  # noqa: E402
 from tests.reliability import _harness as h  # noqa: E402
 from tests.reliability._workload import configure_s3  # noqa: E402
+from tests.train._stop_runs import stop_report  # noqa: E402
 
 
 def _pytest(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -120,6 +122,8 @@ def run(quick: bool) -> dict[str, Any]:
             )  # fmt: skip
         step("zshard train with killed workers")
         results.append(h.elastic_runs(f"{tmp}"))
+        step("stopping zshard train: signals, a killed worker or launcher, a full disk")
+        results += stop_report(Path(tmp) / "stop", runs=k(3, 1))
     step("pytest: bad inputs, no pickle, path escapes, fuzzing")
     extra["bad_inputs"] = _pytest("tests/reliability/test_bad_inputs.py")
     extra["no_pickle"] = _pytest("tests/reliability/test_security.py", "-k", "unpickle")

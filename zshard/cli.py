@@ -286,7 +286,17 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train with ZeRO stages 0-3 on N worker processes (torch.distributed.run)."""
+    """Train with ZeRO stages 0-3 on N worker processes (torch.distributed.run).
+
+    On SIGINT (Ctrl-C), SIGTERM, SIGHUP or checkpoint.preempt_signal (default SIGUSR1), every
+    rank finishes its step, then a checkpoint of it is committed (checkpoint.on_signal: save,
+    the default; exit: none); a second signal aborts at once, keeping the last committed
+    checkpoint. No process of the run outlives this command.
+
+    Exit codes: 0 done; 1 training failed (one line: the rank, its signal or error, the last
+    committed checkpoint); 2 bad input; 75 stopped by a signal after committing a checkpoint
+    (rerun the same command to resume); 128+N ended by signal N without a new checkpoint.
+    """
     from zshard.configs import resolve
     from zshard.train.run import LaunchConfig, launch
 
@@ -337,11 +347,12 @@ def demo(
     workdir: Annotated[str, typer.Option(help="Where to write the demo files.")] = "demo-output",
     world_size: Annotated[int, typer.Option(help="Ranks to import for.")] = 4,
     to: Annotated[int, typer.Option(help="Ranks to reshard to.")] = 3,
+    overwrite: Overwrite = False,
 ) -> None:
     """Round-trip a generated model: import -> reshard -> verify -> consolidate -> compare."""
     from zshard.convert.demo import run_demo
 
-    for line in run_demo(workdir, world_size, to):
+    for line in run_demo(workdir, world_size, to, overwrite=overwrite):
         typer.echo(line)
 
 

@@ -17,6 +17,7 @@ from zshard.train.data import (
     corpus_bytes,
     decode,
     encode,
+    open_data,
 )
 
 
@@ -161,3 +162,35 @@ def test_shipped_corpus() -> None:
 
 def test_encode_decode_round_trip() -> None:
     assert decode(encode("To be, or not to be — that is")) == "To be, or not to be — that is"
+
+
+def test_open_data_keeps_the_builtin_and_text_file_data(tmp_path: Path) -> None:
+    train, val = open_data("builtin", seq_len=64)
+    assert isinstance(train, CharDataset) and isinstance(val, CharDataset)
+    assert train.source == CharDataset(seq_len=64).source and len(train) == len(
+        CharDataset(seq_len=64)
+    )
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"abcdefghij" * 100)
+    train, val = open_data(str(path), seq_len=8, vocab_size=256)
+    assert isinstance(train, CharDataset) and train[0][0].tolist() == list(b"abcdefgh")
+    with pytest.raises(ConfigError, match="not found"):
+        open_data(str(tmp_path / "missing.txt"))
+
+
+def test_collate_uses_a_datasets_own_batch_reader() -> None:
+    class Batched:
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            raise AssertionError("read one by one")
+
+        def read_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            self.calls.append(indices)
+            t = torch.tensor(indices)[:, None].expand(-1, 4)
+            return t, t + 1
+
+    ds = Batched()
+    x, y = collate(ds, (3, 1))  # type: ignore[arg-type]
+    assert ds.calls == [[3, 1]] and x[:, 0].tolist() == [3, 1] and torch.equal(y, x + 1)

@@ -224,7 +224,7 @@ def test_a_token_id_beyond_the_vocabulary_is_found_when_its_window_is_read(tmp_p
     ]
     ds = TokenDataset([str(f) for f in files], seq_len=100, vocab_size=256)  # the sample is clean
     ds.window(0)
-    ds.window(1999)  # in b.bin
+    ds.window(1998)  # in b.bin
     with pytest.raises(ConfigError, match=r"token id 300 \(token 100000 of .*a\.bin\).* 256"):
         ds.window(1000)  # tokens 100000..100100
     with pytest.raises(ConfigError, match="300"):
@@ -246,6 +246,14 @@ def test_rss_does_not_grow_with_a_2gb_corpus(tmp_path: Path) -> None:
     growth = proc.memory_info().rss - before
     assert ds.num_tokens == 1 << 30 and len(ds) > 500_000
     assert growth < 50 << 20, f"RSS grew {growth / 2**20:.1f} MiB over 200 windows"
+    # Walking 256 MiB of the file: the mapped pages are given back as it goes (without that,
+    # RSS grows by the 256 MiB read).
+    before = proc.memory_info().rss
+    for k in range(256):
+        ds.read_tokens(k << 19, (k + 1) << 19)  # 1 MiB each
+    growth = proc.memory_info().rss - before
+    assert growth < 50 << 20, f"RSS grew {growth / 2**20:.1f} MiB over a 256 MiB walk"
+    ds.close()
 
 
 # --- S3 ----------------------------------------------------------------------------------------
@@ -279,13 +287,13 @@ def test_s3_reads_the_same_samples_as_local_files(tmp_path: Path, s3_bucket: str
     assert [f.url for f in remote.files] == [f"{s3_bucket}/corpus/part-{i}.bin" for i in range(3)]
     assert len(remote) == len(local) and remote.num_tokens == len(stream)
     sampler = GlobalBatchSampler(len(local), 12, seed=3)
-    for step in range(0, 60, 7):  # shuffled batches, past one epoch
+    for step in (0, 13, 29, 41):  # shuffled batches, past one epoch
         for rank, world in ((0, 2), (1, 2), (2, 3)):
             idx = sampler.micro_batch(step, rank, world, 2, 12 // (2 * world) - 1)
             xl, yl = collate(local, idx)
             xr, yr = collate(remote, idx)
             assert torch.equal(xl, xr) and torch.equal(yl, yr)
-    for i in range(len(local)):  # sequential: the read-ahead path
+    for i in [*range(80, 110), len(local) - 1]:  # sequential (read-ahead), across both files
         assert torch.equal(remote[i][0], local[i][0])
     blocks = remote._remote
     assert blocks is not None and len(blocks._cache) <= 4 and len(blocks._ahead) <= blocks.max_ahead
@@ -327,7 +335,8 @@ def test_data_config_keys(tmp_path: Path) -> None:
         ({"name": "hf_dataset", "path": "d"}, "data.tokenizer"),
         ({"name": "builtin", "path": "x.bin"}, "data.path: not used with data name 'builtin'"),
         ({"name": "tokens", "path": "x", "val_split": "test"}, "data.val_split: not used"),
-        ({"name": "tokens", "path": "x", "dtype": "int8"}, "data.dtype: expected one of"),
+        ({"name": "tokens", "path": "x", "dtype": "int8"}, "data.dtype: expected one of auto"),
+        ({"name": "builtin", "dtype": "uint32"}, "data.dtype: not used"),
         ({"name": "tokens", "path": ["x", 3]}, "data.path: expected a path"),
         ({"name": "tokens", "path": []}, "data.path"),
         ({"name": "tokens", "path": "x", "text_field": ""}, "data.text_field"),
@@ -393,6 +402,32 @@ def test_build_checks_the_data_against_the_models_vocabulary(tmp_path: Path) -> 
         build(load_config({"model": {"name": "gpt", "args": {"vocab_size": 100, "n_layer": 1}}}))
 
 
+def test_build_tokenizes_an_hf_dataset_and_sizes_the_model_from_its_tokenizer(
+    tmp_path: Path, tokenizer_dir: str, no_network: None
+) -> None:
+    from zshard.train.run._loop import build
+
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    cfg = load_config(
+        {
+            "model": {"name": "gpt", "args": {"n_layer": 1, "n_head": 2, "d_model": 32}},
+            "data": {
+                "name": "hf_dataset",
+                "path": str(tmp_path / "d.jsonl"),
+                "tokenizer": tokenizer_dir,
+                "val_split": "train",
+                "seq_len": 16,
+            },
+        }
+    )
+    factory, train, val = build(cfg)
+    assert factory().tok_emb.num_embeddings == 300
+    assert isinstance(train, TokenDataset) and train.vocab_size == 300
+    assert val is not None and len(val) == len(train)
+    x, _ = collate(train, [0, 1])
+    assert x.shape == (2, 16) and int(x.max()) < 300
+
+
 # --- tokenizing --------------------------------------------------------------------------------
 
 
@@ -445,51 +480,50 @@ def test_tokenize_resumes_after_an_interruption(
     assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.bin.json", "d.jsonl"]
 
 
-def test_tokenize_command(tmp_path: Path, tokenizer_dir: str) -> None:
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """``zshard ARGS`` in this process (the console entry point): exit code, stdout, stderr."""
+    from zshard.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tokenize_command(
+    tmp_path: Path, tokenizer_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = write_jsonl(tmp_path / "d.jsonl", DOCS, field="body")
     out = tmp_path / "o.bin"
+    # As users run it, once: a subprocess through the console entry point.
     r = run_cli(
-        "tokenize", src, out, "--tokenizer", tokenizer_dir, "--text-field", "body", timeout=120
+        "tokenize", src, out, "--tokenizer", tokenizer_dir, "--text-field", "body", timeout=180
     )
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "120 documents" in r.stdout and "vocabulary 300" in r.stdout
     first = out.read_bytes()
+    assert first == expected_ids(tokenizer_dir, DOCS).astype("<u2").tobytes()
     before = sorted(os.listdir(tmp_path))
+    tok = ("--tokenizer", tokenizer_dir)
     for args, needle in [
-        (("--text-field", "body"), "already exists; pass --overwrite"),
-        (("--text-field", "text", "--overwrite"), "--text-field: no field 'text'"),
-        (("--text-field", "body", "--dtype", "int8", "--overwrite"), "--dtype: expected one of"),
+        ((src, out, *tok, "--text-field", "body"), "already exists; pass --overwrite"),
+        ((src, out, *tok, "--overwrite"), "--text-field: no field 'text'"),
+        ((src, out, *tok, "--dtype", "int8", "--overwrite"), "--dtype: expected one of"),
+        ((tmp_path / "none-*.jsonl", tmp_path / "x.bin", *tok), "matches no file"),
+        ((src, tmp_path / "x.bin", "--tokenizer", tmp_path / "no-tok"), "no tokenizer at"),
     ]:
-        r = run_cli("tokenize", src, out, "--tokenizer", tokenizer_dir, *args, timeout=120)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
-    r = run_cli(
-        "tokenize",
-        tmp_path / "none-*.jsonl",
-        tmp_path / "x.bin",
-        "--tokenizer",
-        tokenizer_dir,
-        timeout=120,
-    )
-    assert r.returncode == 2 and "matches no file" in r.stderr
-    r = run_cli(
-        "tokenize", src, tmp_path / "x.bin", "--tokenizer", tmp_path / "no-tok", timeout=120
-    )
-    assert r.returncode == 2 and "no tokenizer at" in r.stderr
+        code, _, err = cli(capsys, "tokenize", *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert sorted(os.listdir(tmp_path)) == before and out.read_bytes() == first
-    r = run_cli(
-        "tokenize",
-        src,
-        out,
-        "--tokenizer",
-        tokenizer_dir,
-        "--text-field",
-        "body",
-        "--overwrite",
-        "-q",
-        timeout=120,
+    code, stdout, _ = cli(
+        capsys, "tokenize", src, out, *tok, "--text-field", "body", "--overwrite", "-q"
     )
-    assert r.returncode == 0 and out.read_bytes() == first
+    assert code == 0 and "wrote" in stdout and out.read_bytes() == first
 
 
 # --- hf_dataset --------------------------------------------------------------------------------
@@ -611,10 +645,11 @@ def train(cfg: Path, *args: str, env: dict[str, str] | None = None) -> None:
 
 def params(ckpt: Path) -> dict[str, torch.Tensor]:
     r = CheckpointReader.open(str(ckpt))
+    kind = "master" if any(t.kind == "master" for t in r.manifest.tensors) else "param"
     return {
-        t.name: r.read_torch(t.name, t.kind).clone()
+        t.name: r.read_torch(t.name, kind).reshape(t.shape).clone()
         for t in r.manifest.tensors
-        if t.kind == "param"
+        if t.kind == kind
     }
 
 

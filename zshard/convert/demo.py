@@ -3,6 +3,9 @@
 Generates transformer-shaped weights (fp32 and bf16, a tied embedding, odd shapes), writes them as
 safetensors, imports them for N ranks, reshards to M, verifies every chunk, consolidates to bf16
 and fp32, and checks the results bitwise against the originals.
+
+Its outputs (:data:`OUTPUTS`, in ``workdir``) are never replaced unless ``overwrite``: the check
+comes before anything is written.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from zshard.convert.consolidate import consolidate
 from zshard.convert.importer import import_safetensors
 from zshard.convert.reshard import reshard
 from zshard.convert.safetensors_io import TIES_METADATA_KEY
-from zshard.errors import ZshardError
+from zshard.errors import OutputExistsError, ZshardError
 from zshard.store.reader import CheckpointReader
 from zshard.store.verify import verify
 
@@ -39,7 +42,24 @@ def generated_model(
     return sd
 
 
-def run_demo(workdir: str, world_size: int = 4, to: int = 3) -> Iterator[str]:
+OUTPUTS = ("generated.safetensors", "ckpt", "model-keep.safetensors", "model-bf16.safetensors")
+
+
+def existing_outputs(workdir: str) -> list[str]:
+    """The demo outputs already in ``workdir``."""
+    return [name for name in OUTPUTS if os.path.lexists(os.path.join(workdir, name))]
+
+
+def run_demo(
+    workdir: str, world_size: int = 4, to: int = 3, *, overwrite: bool = False
+) -> Iterator[str]:
+    """The demo, one progress line at a time (a generator: nothing runs until iterated)."""
+    found = existing_outputs(workdir)
+    if found and not overwrite:
+        raise OutputExistsError(
+            f"{workdir} already holds demo output ({', '.join(found)}); pass --overwrite to "
+            "replace it, or choose another --workdir"
+        )
     os.makedirs(workdir, exist_ok=True)
     src = os.path.join(workdir, "generated.safetensors")
     root = os.path.join(workdir, "ckpt")
@@ -50,9 +70,9 @@ def run_demo(workdir: str, world_size: int = 4, to: int = 3) -> Iterator[str]:
     )
     n = sum(t.numel() for t in sd.values())
     yield f"generated {len(sd)} tensors, {n} parameters -> {src}"
-    ref = import_safetensors(src, root, world_size, overwrite=True)
+    ref = import_safetensors(src, root, world_size, overwrite=overwrite)
     yield f"imported for {world_size} ranks -> {ref.url}"
-    ref2 = reshard(ref.url, to, overwrite=True)
+    ref2 = reshard(ref.url, to, overwrite=overwrite)
     yield f"resharded {world_size} -> {to} ranks -> {ref2.url}"
     report = verify(ref2.url, all_faults=True)
     if not report.ok:
@@ -65,7 +85,7 @@ def run_demo(workdir: str, world_size: int = 4, to: int = 3) -> Iterator[str]:
             raise ZshardError(f"demo: {entry.name} changed in the round trip")
     for dtype in ("keep", "bf16"):
         out = os.path.join(workdir, f"model-{dtype}.safetensors")
-        consolidate(ref2.url, out, dtype=dtype, overwrite=True)
+        consolidate(ref2.url, out, dtype=dtype, overwrite=overwrite)
         loaded = load_file(out)
         for name, t in sd.items():
             want = t if dtype == "keep" or not t.is_floating_point() else t.to(torch.bfloat16)

@@ -36,7 +36,7 @@ TIES_METADATA_KEY = "zshard.ties"  # file metadata: JSON {alias: stored name}
 
 
 @dataclass(frozen=True)
-class SafetensorsEntry(dtypes.Sized):
+class SafetensorsEntry(dtypes.Shaped):
     name: str
     dtype: str  # logical dtype name
     shape: tuple[int, ...]

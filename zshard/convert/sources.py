@@ -14,20 +14,14 @@ from zshard.convert.deepspeed import DeepSpeedSource
 from zshard.convert.deepspeed_files import is_deepspeed
 from zshard.convert.pickles import UnsafePickleError
 from zshard.convert.safetensors_io import INDEX_NAME, SafetensorsSource
-from zshard.convert.tensor_source import Piece, SourceTensor, TensorSource
+from zshard.convert.tensor_source import TensorSource
 from zshard.errors import InvalidArgumentError, NotACheckpointError
 from zshard.store.manifest import MANIFEST_KEY
 from zshard.store.root import committed_steps
 from zshard.store.storage import open_storage
 
-__all__ = [
-    "Piece",
-    "SourceTensor",
-    "TensorSource",
-    "UnsafePickleError",
-    "detect",
-    "open_source",
-]
+# UnsafePickleError and TensorSource are re-exported: callers of open_source catch and type them.
+__all__ = ["TensorSource", "UnsafePickleError", "detect", "open_source"]
 
 
 def detect(src: str) -> str:

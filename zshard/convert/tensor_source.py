@@ -37,7 +37,7 @@ class Piece(NamedTuple):
 
 
 @dataclass(frozen=True)
-class SourceTensor(dtypes.Sized):
+class SourceTensor(dtypes.Shaped):
     """One logical tensor of a source.
 
     ``stored`` is the dtype of the bytes in the files when it differs from ``dtype`` (e.g. a

@@ -64,7 +64,7 @@ def dtype(name: str) -> DType:
         ) from None
 
 
-class Sized:
+class Shaped:
     """``numel`` and ``nbytes`` of a tensor record with a ``shape`` and a logical ``dtype`` name
     (the manifest's entries, the converters' source tensors)."""
 

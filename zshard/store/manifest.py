@@ -116,7 +116,7 @@ class ArrayEntry:
 
 
 @dataclass(frozen=True)
-class TensorEntry(dtypes.Sized):
+class TensorEntry(dtypes.Shaped):
     """One logical tensor: a name and state kind, its shape and logical dtype, and fragments."""
 
     name: str

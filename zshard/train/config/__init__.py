@@ -5,8 +5,9 @@ overrides, and the mapping of DeepSpeed configs onto it.
     cfg, not_applied = load_with_deepspeed("train.yaml", world_size=8)  # honours `deepspeed:`
 """
 
-from zshard.train.config._deepspeed import AUTO, from_deepspeed, prefetch_modules
+from zshard.train.config._deepspeed import AUTO, RULES, Rule, from_deepspeed, prefetch_modules
 from zshard.train.config._load import load_config, read_yaml
+from zshard.train.config._lrsched import DS_SCHEDULES, schedule_params
 from zshard.train.config._resolve import (
     apply_deepspeed,
     default_nproc,
@@ -37,6 +38,8 @@ from zshard.train.config._schema import (
 __all__ = [
     "AUTO",
     "DEFAULT_MICRO_BATCH_SIZE",
+    "DS_SCHEDULES",
+    "RULES",
     "CheckpointConfig",
     "DataConfig",
     "DistConfig",
@@ -48,6 +51,7 @@ __all__ = [
     "OptimizerConfig",
     "Precision",
     "PrecisionConfig",
+    "Rule",
     "SchedulerConfig",
     "TrainConfig",
     "ZeroConfig",
@@ -60,6 +64,7 @@ __all__ = [
     "load_with_deepspeed",
     "prefetch_modules",
     "read_yaml",
+    "schedule_params",
     "stats_of",
     "warning_line",
 ]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from zshard.errors import ConfigError
@@ -83,7 +83,7 @@ class Rule:
         if self.caveat:
             text += ", with a warning"
         if quiet:
-            text = f"{quiet}: honoured (zshard already does it); otherwise {text}"
+            text = f"{quiet}: honoured; other values: {text}"
         return text
 
 
@@ -156,10 +156,31 @@ def _rules() -> list[Rule]:
         r.append(Rule(key, treatment, zshard, note, **kw))
 
     # -- batch, clipping, logging
-    add("train_batch_size", "mapped", "train.global_batch_size", apply=_to("train.global_batch_size", minimum=1))  # fmt: skip
-    add("train_micro_batch_size_per_gpu", "mapped", "train.micro_batch_size", apply=_to("train.micro_batch_size", minimum=1))  # fmt: skip
-    add("gradient_accumulation_steps", "mapped", "train.grad_accum", apply=_to("train.grad_accum", minimum=1))  # fmt: skip
-    add("gradient_clipping", "mapped", "grad_clip", "max global gradient norm, torch's rule", apply=_to("grad_clip", "number"))  # fmt: skip
+    add(
+        "train_batch_size",
+        "mapped",
+        "train.global_batch_size",
+        apply=_to("train.global_batch_size", minimum=1),
+    )
+    add(
+        "train_micro_batch_size_per_gpu",
+        "mapped",
+        "train.micro_batch_size",
+        apply=_to("train.micro_batch_size", minimum=1),
+    )
+    add(
+        "gradient_accumulation_steps",
+        "mapped",
+        "train.grad_accum",
+        apply=_to("train.grad_accum", minimum=1),
+    )
+    add(
+        "gradient_clipping",
+        "mapped",
+        "grad_clip",
+        "max global gradient norm, torch's rule",
+        apply=_to("grad_clip", "number"),
+    )
     add("steps_per_print", "mapped", "train.log_every", apply=_to("train.log_every"))
     add("wall_clock_breakdown", "warn", note="timing logs", ok=(False,))
     add("memory_breakdown", "warn", note="memory logs", ok=(False,))
@@ -171,139 +192,549 @@ def _rules() -> list[Rule]:
     add("flops_profiler", "warn", note="a profiler", ok_if=_off, ok_doc="`enabled: false`")
     add("comms_logger", "warn", note="logs collectives", ok_if=_off, ok_doc="`enabled: false`")
     add("zero_allow_untested_optimizer", "same", note="every zshard optimizer runs under ZeRO")
-    add("zero_force_ds_cpu_optimizer", "same", note="which Adam kernel DeepSpeed picks; same arithmetic")  # fmt: skip
+    add(
+        "zero_force_ds_cpu_optimizer",
+        "same",
+        note="which Adam kernel DeepSpeed picks; same arithmetic",
+    )
     add("disable_python_gc", "warn", note=_PERF, ok=(None,))
-    add("dataloader_drop_last", "warn", note="applies to DeepSpeed's own data loader; zshard's sampler always uses whole batches")  # fmt: skip
+    add(
+        "dataloader_drop_last",
+        "warn",
+        note="applies to DeepSpeed's own data loader; zshard's sampler always uses whole batches",
+    )
     add("checkpoint", "same", section=True)
     add("checkpoint.tag_validation", "same", note="zshard validates every manifest and chunk")
-    add("checkpoint.load_universal", "same", note="zshard checkpoints load at any world size and stage")  # fmt: skip
-    add("checkpoint.use_node_local_storage", "warn", note="where DeepSpeed writes; zshard writes to checkpoint.dir", ok=(False,))  # fmt: skip
+    add(
+        "checkpoint.load_universal",
+        "same",
+        note="zshard checkpoints load at any world size and stage",
+    )
+    add(
+        "checkpoint.use_node_local_storage",
+        "warn",
+        note="where DeepSpeed writes; zshard writes to checkpoint.dir",
+        ok=(False,),
+    )
     add("checkpoint.parallel_write", "warn", note=_PERF, ok_if=_empty_or_off, ok_doc="off")
-    add("aio", "warn", note="NVMe I/O tuning of DeepSpeed's swapper; zshard's swap I/O tunes itself")  # fmt: skip
-    add("compile", "warn", note="torch.compile of the model: same arithmetic up to rounding", ok_if=_empty_or_off, ok_doc="off")  # fmt: skip
+    add(
+        "aio", "warn", note="NVMe I/O tuning of DeepSpeed's swapper; zshard's swap I/O tunes itself"
+    )
+    add(
+        "compile",
+        "warn",
+        note="torch.compile of the model: same arithmetic up to rounding",
+        ok_if=_empty_or_off,
+        ok_doc="off",
+    )
     # -- numerics zshard implements only one way
-    add("prescale_gradients", "refused", note="zshard averages gradients after reducing them", ok=(False,))  # fmt: skip
-    add("gradient_predivide_factor", "refused", note="zshard averages gradients after reducing them", ok=(1.0,))  # fmt: skip
-    add("gradient_allreduce_op", "refused", note="zshard averages gradients over ranks", ok=("mean",))  # fmt: skip
-    add("communication_data_type", "refused", note="zshard reduces gradients in their accumulation dtype (data_types.grad_accum_dtype)", ok=(None,))  # fmt: skip
-    add("seq_parallel_communication_data_type", "warn", note="sequence parallelism only; " + _NO_MP, ok=("fp32",))  # fmt: skip
+    add(
+        "prescale_gradients",
+        "refused",
+        note="zshard averages gradients after reducing them",
+        ok=(False,),
+    )
+    add(
+        "gradient_predivide_factor",
+        "refused",
+        note="zshard averages gradients after reducing them",
+        ok=(1.0,),
+    )
+    add(
+        "gradient_allreduce_op",
+        "refused",
+        note="zshard averages gradients over ranks",
+        ok=("mean",),
+    )
+    add(
+        "communication_data_type",
+        "refused",
+        note="zshard reduces gradients in their accumulation dtype (data_types.grad_accum_dtype)",
+        ok=(None,),
+    )
+    add(
+        "seq_parallel_communication_data_type",
+        "warn",
+        note="sequence parallelism only; " + _NO_MP,
+        ok=("fp32",),
+    )
     add("sparse_gradients", "refused", note="zshard reduces dense gradients", ok=(False,))
-    add("disable_allgather", "refused", note="zshard always all-gathers updated partitions", ok=(False,))  # fmt: skip
-    add("amp", "refused", note="zshard casts the model (fp16/bf16) instead of NVIDIA Apex AMP", ok_if=_off, ok_doc="`enabled: false`")  # fmt: skip
-    add("torch_autocast", "refused", note="zshard casts the model (fp16/bf16) instead of autocast", ok_if=_off, ok_doc="`enabled: false`")  # fmt: skip
+    add(
+        "disable_allgather",
+        "refused",
+        note="zshard always all-gathers updated partitions",
+        ok=(False,),
+    )
+    add(
+        "amp",
+        "refused",
+        note="zshard casts the model (fp16/bf16) instead of NVIDIA Apex AMP",
+        ok_if=_off,
+        ok_doc="`enabled: false`",
+    )
+    add(
+        "torch_autocast",
+        "refused",
+        note="zshard casts the model (fp16/bf16) instead of autocast",
+        ok_if=_off,
+        ok_doc="`enabled: false`",
+    )
     for name in ("pipeline", "tensor_parallel", "expert_parallel", "sequence_parallel_size"):
         add(name, "refused", note=_NO_MP, ok_if=lambda v: v in (None, 1, {}), ok_doc="off / 1")
     add("use_data_before_expert_parallelism", "warn", note="MoE only; " + _NO_MP, ok=(False,))
-    for name in ("elasticity", "autotuning", "data_efficiency", "curriculum_learning", "hybrid_engine", "weight_quantization", "quantize_training", "compression_training", "sparse_attention", "zenflow"):  # fmt: skip
+    for name in (
+        "elasticity",
+        "autotuning",
+        "data_efficiency",
+        "curriculum_learning",
+        "hybrid_engine",
+        "weight_quantization",
+        "quantize_training",
+        "compression_training",
+        "sparse_attention",
+        "zenflow",
+    ):
         add(name, "refused", note="not implemented in zshard", ok_if=_off, ok_doc="off")
     # -- precision
     add("fp16", "mapped", "precision", section=True)
-    add("fp16.enabled", "mapped", "precision.dtype", "`true`: fp16 module, fp32 master and optimizer state")  # fmt: skip
-    add("fp16.auto_cast", "same", note="zshard casts floating inputs to the module dtype (models fed token ids see no difference)")  # fmt: skip
-    add("fp16.loss_scale", "mapped", "precision.loss_scale.static_scale", "0: dynamic; > 0: that fixed scale", apply=_to("precision.loss_scale.static_scale", "number"))  # fmt: skip
-    add("fp16.initial_scale_power", "mapped", "precision.loss_scale.initial_scale_power", apply=_to("precision.loss_scale.initial_scale_power"))  # fmt: skip
-    add("fp16.loss_scale_window", "mapped", "precision.loss_scale.window", apply=_to("precision.loss_scale.window", minimum=1))  # fmt: skip
-    add("fp16.hysteresis", "mapped", "precision.loss_scale.hysteresis", apply=_to("precision.loss_scale.hysteresis", minimum=1))  # fmt: skip
-    add("fp16.consecutive_hysteresis", "mapped", "precision.loss_scale.consecutive_hysteresis", apply=_to("precision.loss_scale.consecutive_hysteresis", "flag"))  # fmt: skip
-    add("fp16.min_loss_scale", "mapped", "precision.loss_scale.min_scale", apply=_to("precision.loss_scale.min_scale", "positive"))  # fmt: skip
-    add("fp16.raise_error_at_min_scale", "mapped", "precision.loss_scale.raise_error_at_min_scale", "DynamicLossScaler's argument (always true from a DeepSpeed config)", apply=_to("precision.loss_scale.raise_error_at_min_scale", "flag"))  # fmt: skip
-    add("fp16.fp16_master_weights_and_grads", "refused", note="zshard keeps fp32 master weights", ok=(False,))  # fmt: skip
+    add(
+        "fp16.enabled",
+        "mapped",
+        "precision.dtype",
+        "`true`: fp16 module, fp32 master and optimizer state",
+    )
+    add(
+        "fp16.auto_cast",
+        "same",
+        note="zshard casts floating inputs to the module dtype "
+        "(models fed token ids see no difference)",
+    )
+    add(
+        "fp16.loss_scale",
+        "mapped",
+        "precision.loss_scale.static_scale",
+        "0: dynamic; > 0: that fixed scale",
+        apply=_to("precision.loss_scale.static_scale", "number"),
+    )
+    add(
+        "fp16.initial_scale_power",
+        "mapped",
+        "precision.loss_scale.initial_scale_power",
+        apply=_to("precision.loss_scale.initial_scale_power"),
+    )
+    add(
+        "fp16.loss_scale_window",
+        "mapped",
+        "precision.loss_scale.window",
+        apply=_to("precision.loss_scale.window", minimum=1),
+    )
+    add(
+        "fp16.hysteresis",
+        "mapped",
+        "precision.loss_scale.hysteresis",
+        apply=_to("precision.loss_scale.hysteresis", minimum=1),
+    )
+    add(
+        "fp16.consecutive_hysteresis",
+        "mapped",
+        "precision.loss_scale.consecutive_hysteresis",
+        apply=_to("precision.loss_scale.consecutive_hysteresis", "flag"),
+    )
+    add(
+        "fp16.min_loss_scale",
+        "mapped",
+        "precision.loss_scale.min_scale",
+        apply=_to("precision.loss_scale.min_scale", "positive"),
+    )
+    add(
+        "fp16.raise_error_at_min_scale",
+        "mapped",
+        "precision.loss_scale.raise_error_at_min_scale",
+        "DynamicLossScaler's argument (always true from a DeepSpeed config)",
+        apply=_to("precision.loss_scale.raise_error_at_min_scale", "flag"),
+    )
+    add(
+        "fp16.fp16_master_weights_and_grads",
+        "refused",
+        note="zshard keeps fp32 master weights",
+        ok=(False,),
+    )
     for name in ("bf16", "bfloat16"):
         add(name, "mapped", "precision", section=True)
-        add(f"{name}.enabled", "mapped", "precision.dtype", "`true`: bf16 module, fp32 master and optimizer state")  # fmt: skip
-        add(f"{name}.immediate_grad_update", "refused", note="zshard accumulates gradients in data_types.grad_accum_dtype and applies them at the step", ok=(False,))  # fmt: skip
-        add(f"{name}.check_grad_overflow", "refused", note="zshard always skips a step whose gradients are not finite", ok=(True,))  # fmt: skip
-        add(f"{name}.bf16_master_weights_and_grads", "refused", note="zshard keeps fp32 master weights", ok=(False,))  # fmt: skip
-        add(f"{name}.bf16_optimizer_states", "refused", note="zshard keeps fp32 optimizer state", ok=(False,))  # fmt: skip
+        add(
+            f"{name}.enabled",
+            "mapped",
+            "precision.dtype",
+            "`true`: bf16 module, fp32 master and optimizer state",
+        )
+        add(
+            f"{name}.immediate_grad_update",
+            "refused",
+            note="zshard accumulates gradients in data_types.grad_accum_dtype and applies "
+            "them at the step",
+            ok=(False,),
+        )
+        add(
+            f"{name}.check_grad_overflow",
+            "refused",
+            note="zshard always skips a step whose gradients are not finite",
+            ok=(True,),
+        )
+        add(
+            f"{name}.bf16_master_weights_and_grads",
+            "refused",
+            note="zshard keeps fp32 master weights",
+            ok=(False,),
+        )
+        add(
+            f"{name}.bf16_optimizer_states",
+            "refused",
+            note="zshard keeps fp32 optimizer state",
+            ok=(False,),
+        )
     add("data_types", "mapped", section=True)
-    add("data_types.grad_accum_dtype", "mapped", "precision.grad_accum_dtype", "`fp32`, or the module dtype (`param`)", apply=_pending("grad_accum_dtype"))  # fmt: skip
-    add("data_types.keep_in_fp32_modules", "refused", note="zshard casts every module to the module dtype", ok_if=lambda v: v in (None, AUTO, []), ok_doc="`auto`, `[]`")  # fmt: skip
+    add(
+        "data_types.grad_accum_dtype",
+        "mapped",
+        "precision.grad_accum_dtype",
+        "`fp32`, or the module dtype (`param`)",
+        apply=_pending("grad_accum_dtype"),
+    )
+    add(
+        "data_types.keep_in_fp32_modules",
+        "refused",
+        note="zshard casts every module to the module dtype",
+        ok_if=lambda v: v in (None, AUTO, []),
+        ok_doc="`auto`, `[]`",
+    )
     # -- optimizer
     add("optimizer", "mapped", "optimizer", section=True)
-    add("optimizer.type", "mapped", "optimizer.name", "`Adam` (AdamW unless adam_w_mode is false), `AdamW`, `SGD`, `Lamb`; any other type is refused")  # fmt: skip
+    add(
+        "optimizer.type",
+        "mapped",
+        "optimizer.name",
+        "`Adam` (AdamW unless adam_w_mode is false), `AdamW`, `SGD`, `Lamb`; "
+        "any other type is refused",
+    )
     add("optimizer.params", "mapped", "optimizer", "per type, below", section=True)
     add("optimizer.legacy_fusion", "same", note="a kernel choice; same arithmetic")
     for key, target, note in _OPTIMIZER_PARAMS:
         add(f"optimizer.params.{key}", "mapped", target, note)
     for key, ok, note in _OPTIMIZER_SAME:
-        add(f"optimizer.params.{key}", "refused" if ok is not _ANY else "same", note=note, ok=() if ok is _ANY else (ok,))  # fmt: skip
-    add("optimizer.params.max_grad_norm", "refused", note="DeepSpeed refuses it too: use gradient_clipping")  # fmt: skip
+        add(
+            f"optimizer.params.{key}",
+            "refused" if ok is not _ANY else "same",
+            note=note,
+            ok=() if ok is _ANY else (ok,),
+        )
+    add(
+        "optimizer.params.max_grad_norm",
+        "refused",
+        note="DeepSpeed refuses it too: use gradient_clipping",
+    )
     # -- scheduler
     add("scheduler", "mapped", "scheduler", section=True)
-    add("scheduler.type", "mapped", "scheduler.name", ", ".join(f"`{ds}` -> `{n}`" for n, (ds, _) in DS_SCHEDULES.items()) + "; any other type is refused")  # fmt: skip
-    add("scheduler.params", "mapped", "scheduler.params", "DeepSpeed's parameters, names and defaults; unknown ones refused", section=True)  # fmt: skip
+    add(
+        "scheduler.type",
+        "mapped",
+        "scheduler.name",
+        ", ".join(f"`{ds}` -> `{n}`" for n, (ds, _) in DS_SCHEDULES.items())
+        + "; any other type is refused",
+    )
+    add(
+        "scheduler.params",
+        "mapped",
+        "scheduler.params",
+        "DeepSpeed's parameters, names and defaults; unknown ones refused",
+        section=True,
+    )
     params: dict[str, list[str]] = {}
     for _, (ds, defaults) in DS_SCHEDULES.items():
         for p in defaults:
             params.setdefault(p, []).append(ds)
     for p, types in params.items():
         add(f"scheduler.params.{p}", "mapped", f"scheduler.params.{p}", ", ".join(types))
-    add("scheduler.params.last_batch_iteration", "refused", note="zshard resumes the schedule from its checkpoint", ok=(-1,))  # fmt: skip
+    add(
+        "scheduler.params.last_batch_iteration",
+        "refused",
+        note="zshard resumes the schedule from its checkpoint",
+        ok=(-1,),
+    )
     # -- activation checkpointing
-    add("activation_checkpointing", "mapped", "train.activation_checkpointing", "its presence turns it on: the built-in GPT's blocks, an HF model's layers, or train.activation_checkpointing.blocks", section=True)  # fmt: skip
-    add("activation_checkpointing.partition_activations", "refused", note="it splits checkpointed activations across model-parallel ranks; " + _NO_MP, ok=(False,))  # fmt: skip
-    add("activation_checkpointing.number_checkpoints", "mapped", "train.activation_checkpointing.number_checkpoints", "checkpoint the first N blocks", ok=(None,), apply=_to("train.activation_checkpointing.number_checkpoints"))  # fmt: skip
-    add("activation_checkpointing.cpu_checkpointing", "mapped", "train.activation_checkpointing.cpu_checkpointing", "keep checkpointed inputs in host memory", apply=_to("train.activation_checkpointing.cpu_checkpointing", "flag"))  # fmt: skip
-    add("activation_checkpointing.contiguous_memory_optimization", "warn", note="buffer layout of partitioned activations", ok=(False,))  # fmt: skip
-    add("activation_checkpointing.synchronize_checkpoint_boundary", "warn", note="a device synchronize", ok=(False,))  # fmt: skip
+    add(
+        "activation_checkpointing",
+        "mapped",
+        "train.activation_checkpointing",
+        "its presence turns it on: the built-in GPT's blocks, an HF model's layers, or "
+        "train.activation_checkpointing.blocks",
+        section=True,
+    )
+    add(
+        "activation_checkpointing.partition_activations",
+        "refused",
+        note="it splits checkpointed activations across model-parallel ranks; " + _NO_MP,
+        ok=(False,),
+    )
+    add(
+        "activation_checkpointing.number_checkpoints",
+        "mapped",
+        "train.activation_checkpointing.number_checkpoints",
+        "checkpoint the first N blocks",
+        ok=(None,),
+        apply=_to("train.activation_checkpointing.number_checkpoints"),
+    )
+    add(
+        "activation_checkpointing.cpu_checkpointing",
+        "mapped",
+        "train.activation_checkpointing.cpu_checkpointing",
+        "keep checkpointed inputs in host memory",
+        apply=_to("train.activation_checkpointing.cpu_checkpointing", "flag"),
+    )
+    add(
+        "activation_checkpointing.contiguous_memory_optimization",
+        "warn",
+        note="buffer layout of partitioned activations",
+        ok=(False,),
+    )
+    add(
+        "activation_checkpointing.synchronize_checkpoint_boundary",
+        "warn",
+        note="a device synchronize",
+        ok=(False,),
+    )
     add("activation_checkpointing.profile", "warn", note="timing logs", ok=(False,))
     # -- ZeRO
     z = "zero_optimization"
     add(z, "mapped", "zero", "`true`/`false`: stage 1/0 (DeepSpeed's legacy form)", section=True)
     add(f"{z}.stage", "mapped", "zero.stage", apply=_stage)
-    add(f"{z}.reduce_bucket_size", "mapped", "zero.reduce_bucket_size", "elements", apply=_to("zero.reduce_bucket_size", minimum=1))  # fmt: skip
-    add(f"{z}.allgather_bucket_size", "mapped", "zero.allgather_bucket_size", "elements", apply=_to("zero.allgather_bucket_size", minimum=1))  # fmt: skip
-    add(f"{z}.overlap_comm", "mapped", "zero.overlap_comm", "overlap gradient reduction with backward", ok=(None,), apply=_overlap_comm)  # fmt: skip
-    add(f"{z}.contiguous_gradients", "same", note="zshard's gradients always live in flat buffers")  # fmt: skip
+    add(
+        f"{z}.reduce_bucket_size",
+        "mapped",
+        "zero.reduce_bucket_size",
+        "elements",
+        apply=_to("zero.reduce_bucket_size", minimum=1),
+    )
+    add(
+        f"{z}.allgather_bucket_size",
+        "mapped",
+        "zero.allgather_bucket_size",
+        "elements",
+        apply=_to("zero.allgather_bucket_size", minimum=1),
+    )
+    add(
+        f"{z}.overlap_comm",
+        "mapped",
+        "zero.overlap_comm",
+        "overlap gradient reduction with backward",
+        ok=(None,),
+        apply=_to("zero.overlap_comm", "flag"),
+    )
+    add(f"{z}.contiguous_gradients", "same", note="zshard's gradients always live in flat buffers")
     add(f"{z}.round_robin_gradients", "same", note="an ordering of DeepSpeed's offload copies")
-    add(f"{z}.use_multi_rank_bucket_allreduce", "same", note="a communication pattern; same sums")  # fmt: skip
-    add(f"{z}.memory_efficient_linear", "same", note="a DeepSpeed-3 memory trick; same arithmetic")  # fmt: skip
+    add(f"{z}.use_multi_rank_bucket_allreduce", "same", note="a communication pattern; same sums")
+    add(f"{z}.memory_efficient_linear", "same", note="a DeepSpeed-3 memory trick; same arithmetic")
     add(f"{z}.elastic_checkpoint", "same", note="zshard checkpoints load at any world size")
-    add(f"{z}.reduce_scatter", "warn", note="all-reduce instead of reduce-scatter: the same sums", ok=(True,))  # fmt: skip
-    add(f"{z}.allgather_partitions", "warn", note="broadcasts instead of an all-gather: the same values", ok=(True,))  # fmt: skip
-    add(f"{z}.load_from_fp32_weights", "refused", note="zshard always resumes from the fp32 master weights", ok=(True,))  # fmt: skip
-    add(f"{z}.ignore_unused_parameters", "warn", note="a check for parameters without gradients (zshard treats them as zero)", ok=(True,))  # fmt: skip
-    add(f"{z}.legacy_stage1", "refused", note="zshard has one stage-1 implementation", ok=(False,))  # fmt: skip
-    add(f"{z}.sub_group_size", "mapped", "zero.offload_optimizer.sub_group_size", "elements per optimizer sub-group; used with offload_optimizer (without it only speed changes)", apply=_pending("sub_group_size"))  # fmt: skip
-    add(f"{z}.cpu_offload", "mapped", "zero.offload_optimizer.device", "DeepSpeed's legacy form: `true` = offload_optimizer to cpu", apply=_legacy_offload("offload_optimizer"))  # fmt: skip
-    add(f"{z}.cpu_offload_param", "mapped", "zero.offload_param.device", "legacy form: `true` = offload_param to cpu", apply=_legacy_offload("offload_param"))  # fmt: skip
-    add(f"{z}.cpu_offload_use_pin_memory", "mapped", "zero.offload_*.pin_memory", "legacy form", apply=_pending("pin_memory"))  # fmt: skip
+    add(
+        f"{z}.reduce_scatter",
+        "warn",
+        note="all-reduce instead of reduce-scatter: the same sums",
+        ok=(True,),
+    )
+    add(
+        f"{z}.allgather_partitions",
+        "warn",
+        note="broadcasts instead of an all-gather: the same values",
+        ok=(True,),
+    )
+    add(
+        f"{z}.load_from_fp32_weights",
+        "refused",
+        note="zshard always resumes from the fp32 master weights",
+        ok=(True,),
+    )
+    add(
+        f"{z}.ignore_unused_parameters",
+        "warn",
+        note="a check for parameters without gradients (zshard treats them as zero)",
+        ok=(True,),
+    )
+    add(f"{z}.legacy_stage1", "refused", note="zshard has one stage-1 implementation", ok=(False,))
+    add(
+        f"{z}.sub_group_size",
+        "mapped",
+        "zero.offload_optimizer.sub_group_size",
+        "elements per optimizer sub-group; used with offload_optimizer "
+        "(without it only speed changes)",
+        apply=_pending("sub_group_size"),
+    )
+    add(
+        f"{z}.cpu_offload",
+        "mapped",
+        "zero.offload_optimizer.device",
+        "DeepSpeed's legacy form: `true` = offload_optimizer to cpu",
+        apply=_legacy_offload("offload_optimizer"),
+    )
+    add(
+        f"{z}.cpu_offload_param",
+        "mapped",
+        "zero.offload_param.device",
+        "legacy form: `true` = offload_param to cpu",
+        apply=_legacy_offload("offload_param"),
+    )
+    add(
+        f"{z}.cpu_offload_use_pin_memory",
+        "mapped",
+        "zero.offload_*.pin_memory",
+        "legacy form",
+        apply=_pending("pin_memory"),
+    )
     for alias in ("stage3_prefetch_bucket_size", "prefetch_bucket_size"):
-        add(f"{z}.{alias}", "mapped", "zero.prefetch", "elements gathered ahead -> modules gathered ahead, counted on the configured model (0 disables); a warning when the model cannot be counted", apply=_pending("prefetch_bucket_size"))  # fmt: skip
+        add(
+            f"{z}.{alias}",
+            "mapped",
+            "zero.prefetch",
+            "elements gathered ahead -> modules gathered ahead, counted on the configured "
+            "model (0 disables); a warning when the model cannot be counted",
+            apply=_pending("prefetch_bucket_size"),
+        )
     for alias in ("stage3_param_persistence_threshold", "param_persistence_threshold"):
-        add(f"{z}.{alias}", "mapped", "zero.param_persistence_threshold", caveat=_PERSISTENCE, apply=_to("zero.param_persistence_threshold"))  # fmt: skip
-    for alias in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save"):  # fmt: skip
-        add(f"{z}.{alias}", "mapped", "checkpoint.save_16bit", "`true`: 16-bit weights (safetensors, HF layout) written next to each checkpoint; also `Engine.save_16bit_model`", apply=_to("checkpoint.save_16bit", "flag"))  # fmt: skip
-    for alias in ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_model_persistence_threshold", "max_live_parameters", "max_reuse_distance", "model_persistence_threshold", "stage3_module_granularity_threshold", "module_granularity_threshold"):  # fmt: skip
-        add(f"{z}.{alias}", "warn", note=_PERF + " (zshard gathers per module and releases after use)")  # fmt: skip
-    for alias in ("stage3_use_all_reduce_for_fetch_params", "use_all_reduce_for_fetch_params", "stage3_allgather_sequential", "allgather_sequential", "zero_hpz_partition_size"):  # fmt: skip
+        add(
+            f"{z}.{alias}",
+            "mapped",
+            "zero.param_persistence_threshold",
+            caveat=_PERSISTENCE,
+            apply=_to("zero.param_persistence_threshold"),
+        )
+    for alias in (
+        "stage3_gather_16bit_weights_on_model_save",
+        "gather_16bit_weights_on_model_save",
+        "stage3_gather_fp16_weights_on_model_save",
+    ):
+        add(
+            f"{z}.{alias}",
+            "mapped",
+            "checkpoint.save_16bit",
+            "`true`: 16-bit weights (safetensors, HF layout) written next to each "
+            "checkpoint; also `Engine.save_16bit_model`",
+            apply=_to("checkpoint.save_16bit", "flag"),
+        )
+    for alias in (
+        "stage3_max_live_parameters",
+        "stage3_max_reuse_distance",
+        "stage3_model_persistence_threshold",
+        "max_live_parameters",
+        "max_reuse_distance",
+        "model_persistence_threshold",
+        "stage3_module_granularity_threshold",
+        "module_granularity_threshold",
+    ):
+        add(
+            f"{z}.{alias}",
+            "warn",
+            note=_PERF + " (zshard gathers per module and releases after use)",
+        )
+    for alias in (
+        "stage3_use_all_reduce_for_fetch_params",
+        "use_all_reduce_for_fetch_params",
+        "stage3_allgather_sequential",
+        "allgather_sequential",
+        "zero_hpz_partition_size",
+    ):
         add(f"{z}.{alias}", "warn", note=_PERF, ok=(False, 1))
-    for alias in ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients"):  # fmt: skip
+    for alias in (
+        "zero_quantized_weights",
+        "zero_quantized_nontrainable_weights",
+        "zero_quantized_gradients",
+    ):
         add(f"{z}.{alias}", "refused", note="zshard communicates exact values", ok=(False,))
     add(f"{z}.mics_shard_size", "refused", note="zshard partitions over all ranks", ok=(-1,))
-    add(f"{z}.mics_hierarchical_params_gather", "refused", note="zshard partitions over all ranks", ok=(False,))  # fmt: skip
+    add(
+        f"{z}.mics_hierarchical_params_gather",
+        "refused",
+        note="zshard partitions over all ranks",
+        ok=(False,),
+    )
     add(f"{z}.zenflow", "refused", note="not implemented in zshard", ok_if=_off, ok_doc="off")
-    for name in ("pipeline_loading_checkpoint", "log_trace_cache_warnings", "enable_sanity_checks", "parameter_alignment"):  # fmt: skip
+    for name in (
+        "pipeline_loading_checkpoint",
+        "log_trace_cache_warnings",
+        "enable_sanity_checks",
+        "parameter_alignment",
+    ):
         add(f"{z}.{name}", "warn", note="DeepSpeed-3 internals, checks or logs", ok=(False,))
-    add(f"{z}.leaf_module", "warn", note="which modules DeepSpeed-3 hooks; zshard gathers per module", ok_if=_empty_or_off, ok_doc="empty")  # fmt: skip
+    add(
+        f"{z}.leaf_module",
+        "warn",
+        note="which modules DeepSpeed-3 hooks; zshard gathers per module",
+        ok_if=_empty_or_off,
+        ok_doc="empty",
+    )
     add(f"{z}.override_module_apply", "same", note="DeepSpeed-3 internals")
-    add(f"{z}.save_muon_momentum_buffer_in_memory", "same", note="Muon only (refused as an optimizer)")  # fmt: skip
-    add(f"{z}.compute_grad_norm", "refused", note="zshard always computes the global gradient norm (clipping, overflow checks)", ok=(True,))  # fmt: skip
+    add(
+        f"{z}.save_muon_momentum_buffer_in_memory",
+        "same",
+        note="Muon only (refused as an optimizer)",
+    )
+    add(
+        f"{z}.compute_grad_norm",
+        "refused",
+        note="zshard always computes the global gradient norm (clipping, overflow checks)",
+        ok=(True,),
+    )
     for which, buffers in (("offload_optimizer", 4), ("offload_param", 5)):
         o = f"{z}.{which}"
         add(o, "mapped", f"zero.{which}", section=True)
-        add(f"{o}.device", "mapped", f"zero.{which}.device", "`none`, `cpu`, `nvme`", apply=_to(f"zero.{which}.device", "str"))  # fmt: skip
-        add(f"{o}.nvme_path", "mapped", f"zero.{which}.path", "any fsspec path", apply=_to(f"zero.{which}.path", "str"))  # fmt: skip
-        add(f"{o}.buffer_count", "mapped", f"zero.{which}.buffer_count", f"DeepSpeed's default {buffers}", apply=_to(f"zero.{which}.buffer_count", minimum=1))  # fmt: skip
-        add(f"{o}.pin_memory", "mapped", f"zero.{which}.pin_memory", apply=_to(f"zero.{which}.pin_memory", "flag"))  # fmt: skip
+        add(
+            f"{o}.device",
+            "mapped",
+            f"zero.{which}.device",
+            "`none`, `cpu`, `nvme`",
+            apply=_to(f"zero.{which}.device", "str"),
+        )
+        add(
+            f"{o}.nvme_path",
+            "mapped",
+            f"zero.{which}.path",
+            "any fsspec path",
+            apply=_to(f"zero.{which}.path", "str"),
+        )
+        add(
+            f"{o}.buffer_count",
+            "mapped",
+            f"zero.{which}.buffer_count",
+            f"DeepSpeed's default {buffers}",
+            apply=_to(f"zero.{which}.buffer_count", minimum=1),
+        )
+        add(
+            f"{o}.pin_memory",
+            "mapped",
+            f"zero.{which}.pin_memory",
+            apply=_to(f"zero.{which}.pin_memory", "flag"),
+        )
     oo, op = f"{z}.offload_optimizer", f"{z}.offload_param"
-    add(f"{oo}.ratio", "refused", note="partial offload is not supported; 1.0 offloads everything", ok=(1.0,))  # fmt: skip
-    for name, note in (("pipeline_read", "zshard always reads the next sub-group ahead"), ("pipeline_write", "zshard always writes sub-groups back in the background"), ("pipeline", "zshard always overlaps reads and writes with the update"), ("fast_init", "zshard always initialises offloaded state by streaming")):  # fmt: skip
+    add(
+        f"{oo}.ratio",
+        "refused",
+        note="partial offload is not supported; 1.0 offloads everything",
+        ok=(1.0,),
+    )
+    for name, note in (
+        ("pipeline_read", "zshard always reads the next sub-group ahead"),
+        ("pipeline_write", "zshard always writes sub-groups back in the background"),
+        ("pipeline", "zshard always overlaps reads and writes with the update"),
+        ("fast_init", "zshard always initialises offloaded state by streaming"),
+    ):
         add(f"{oo}.{name}", "same", note=note)
     add(f"{oo}.super_offload", "refused", note="not implemented in zshard", ok=(False,))
     add(f"{oo}.cpuadam_cores_perc", "warn", note=_PERF)
     add(f"{op}.buffer_size", "same", note="zshard sizes fetch buffers to each module's partition")
-    add(f"{op}.max_in_cpu", "mapped", "zero.offload_param.max_in_memory", "elements of fetched partitions kept cached", apply=_to("zero.offload_param.max_in_memory"))  # fmt: skip
+    add(
+        f"{op}.max_in_cpu",
+        "mapped",
+        "zero.offload_param.max_in_memory",
+        "elements of fetched partitions kept cached",
+        apply=_to("zero.offload_param.max_in_memory"),
+    )
     return r
 
 
@@ -355,15 +786,6 @@ def _stage(m: _Mapping, ds_key: str, value: Any) -> None:
     if stage not in (0, 1, 2, 3):
         raise m.bad(ds_key, value, "one of 0, 1, 2, 3")
     m.set("zero.stage", stage, ds_key)
-
-
-def _overlap_comm(m: _Mapping, ds_key: str, value: Any) -> None:
-    flag = m.flag(ds_key, value)
-    from zshard.train.config._schema import ZeroConfig
-
-    if "overlap_comm" in {f.name for f in fields(ZeroConfig)}:
-        m.set("zero.overlap_comm", flag, ds_key)
-    # Before zero.overlap_comm exists zshard reduces as backward runs either way: same sums.
 
 
 def _legacy_offload(which: str) -> Handler:
@@ -689,7 +1111,7 @@ def _precision(m: _Mapping, ds: Mapping[str, Any]) -> None:
         elif key in ds:
             m.auto.append((key, "precision.dtype"))
     state = {name: _enabled(m, key, block) for name, (key, block) in blocks.items()}
-    for name, (key, block) in blocks.items():
+    for name, (key, _) in blocks.items():
         if state[name] is None:
             m.auto.append((f"{key}.enabled", "precision.dtype"))
     fp16, bf16 = state.get("fp16"), state.get("bf16")
@@ -867,4 +1289,3 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = value
-

@@ -118,9 +118,8 @@ def schedule_params(name: str, given: Mapping[str, Any], key: str = "scheduler.p
         if out["warmup_num_steps"] <= 0:
             raise ConfigError(f"{key}.warmup_num_steps: expected a number > 0 (DeepSpeed's rule)")
         out["warmup_num_steps"] = int(out["warmup_num_steps"])
-    if name == "one_cycle":
-        if out["cycle_first_step_size"] <= 0:
-            raise ConfigError(f"{key}.cycle_first_step_size: expected a number > 0")
+    if name == "one_cycle" and out["cycle_first_step_size"] <= 0:
+        raise ConfigError(f"{key}.cycle_first_step_size: expected a number > 0")
     if name == "lr_range_test" and out["lr_range_test_step_size"] <= 0:
         raise ConfigError(f"{key}.lr_range_test_step_size: expected a number > 0")
     for p in _INTS:

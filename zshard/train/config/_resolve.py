@@ -109,9 +109,10 @@ def apply_deepspeed(
     """Merge a DeepSpeed config into a zshard config tree (see the module docstring for the
     precedence). ``ds_source`` (a path or mapping; the ``--deepspeed-config`` flag) replaces the
     tree's ``deepspeed:`` key, whose relative paths resolve against ``base_dir`` (the YAML's
-    directory); ``overrides`` (``--set``) only inform the ``"auto"`` notes. Returns the merged tree, without ``deepspeed``, for ``load_config``, and the
-    notes for the warning line (DeepSpeed values the zshard config overrides, keys accepted with
-    a warning, ``"auto"`` resolutions)."""
+    directory); ``overrides`` (``--set``) only inform the ``"auto"`` notes. Returns the merged
+    tree, without ``deepspeed``, for ``load_config``, and the notes for the warning line
+    (DeepSpeed values the zshard config overrides, keys accepted with a warning, ``"auto"``
+    resolutions)."""
     merged = copy.deepcopy(dict(tree))
     inline = merged.pop("deepspeed", None)
     if ds_source is None:

@@ -51,7 +51,7 @@ class DataConfig(_Section):
     - ``builtin``: the shipped corpus, byte level (vocabulary 256); or the path of a text file;
     - ``tokens``: flat little-endian token ids at ``path`` (a file, fsspec URL or glob, or a list
       of them, read as one stream; local files memory-mapped, others read by byte range), of
-      ``dtype`` uint16/uint32 (default: the files' ``.json`` sidecar, else uint16);
+      ``dtype`` uint16/uint32 (``auto``: the files' ``.json`` sidecar's, else uint16);
     - ``hf_dataset``: local text at ``path`` (a dataset directory, or json/jsonl/txt/csv/parquet
       files), ``split`` and ``text_field``, tokenized once with the local ``tokenizer`` into token
       files in ``cache`` (default: ``.zshard-tokens/`` next to the data), then read as ``tokens``.
@@ -71,7 +71,7 @@ class DataConfig(_Section):
     seq_len: int = 128
     path: str | tuple[str, ...] | None = None
     val_path: str | tuple[str, ...] | None = None
-    dtype: Literal["uint16", "uint32"] | None = None
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
     split: str = "train"
     val_split: str | None = None
     text_field: str = "text"
@@ -118,7 +118,7 @@ class DataConfig(_Section):
             )
         allowed = self._keys.get(kind, ())
         for key in ("path", "val_path", "dtype", "tokenizer", "val_split", "cache"):
-            if getattr(self, key) and key not in allowed:
+            if getattr(self, key) not in (None, "", "auto") and key not in allowed:
                 raise ConfigError(
                     f"data.{key}: not used with data name {self.name!r}; it is for "
                     + " or ".join(repr(k) for k, keys in self._keys.items() if key in keys)

@@ -86,6 +86,8 @@ def open_data(
     matches nothing, a corpus shorter than one sample, an unknown text field, a token id the
     model cannot embed.
     """
+    if dtype == "auto":
+        dtype = None  # token files: the sidecar's, else uint16; tokenizing: the smallest that fits
     if name == TOKENS:
         train = TokenDataset(path, seq_len=seq_len, dtype=dtype, vocab_size=vocab_size)
         val = None

@@ -219,15 +219,15 @@ class _LocalFile:
         self._arr = np.frombuffer(mm, dtype=self.dtype)
         return self._arr
 
-    def read(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+    def read_into(self, start: int, stop: int, dest: np.ndarray[Any, Any]) -> None:
+        """Tokens ``[start, stop)`` of this file into ``dest`` (widened on the copy)."""
         arr = self._arr if self._arr is not None else self._open()
-        out = arr[start:stop].astype(np.int64)
+        dest[:] = arr[start:stop]
         if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
             lo = (start * self.dtype.itemsize) // _RELEASE_ALIGN * _RELEASE_ALIGN
             hi = stop * self.dtype.itemsize
             hi = min(-(-hi // _RELEASE_ALIGN) * _RELEASE_ALIGN, len(self._mm))
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        return out
 
     def close(self) -> None:
         self._arr = None
@@ -412,6 +412,7 @@ class TokenDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self._block_args = (block_bytes, cache_blocks, readahead)
         self._local: dict[int, _LocalFile] = {}
         self._remote: _RemoteBlocks | None = None
+        self._any_remote = any(not f.local for f in self.files)
         self.tokens_read = 0
         self.read_seconds = 0.0
         if vocab_size is not None:
@@ -452,23 +453,28 @@ class TokenDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             i += 1
         return out
 
-    def _read_piece(self, i: int, a: int, b: int) -> np.ndarray[Any, Any]:
-        f = self.files[i]
-        if f.local:
-            reader = self._local.get(i)
-            if reader is None:
-                reader = self._local[i] = _LocalFile(f.url, self.dtype)
-            return reader.read(a, b)
-        item = self.dtype.itemsize
-        raw = self._remote_blocks().read(i, a * item, b * item)
-        return np.frombuffer(raw, dtype=self.dtype).astype(np.int64)
+    def _read_into(self, start: int, stop: int, dest: np.ndarray[Any, Any]) -> None:
+        """Stream tokens ``[start, stop)`` into ``dest`` (int64), unchecked."""
+        pos = 0
+        for i, a, b in self._pieces(start, stop):
+            f = self.files[i]
+            part = dest[pos : pos + b - a]
+            if f.local:
+                reader = self._local.get(i)
+                if reader is None:
+                    reader = self._local[i] = _LocalFile(f.url, self.dtype)
+                reader.read_into(a, b, part)
+            else:
+                item = self.dtype.itemsize
+                raw = self._remote_blocks().read(i, a * item, b * item)
+                part[:] = np.frombuffer(raw, dtype=self.dtype)
+            pos += b - a
 
     def read_tokens(self, start: int, stop: int) -> np.ndarray[Any, Any]:
         """Stream tokens ``[start, stop)`` as int64, checked against ``vocab_size``."""
         t0 = time.perf_counter()
-        pieces = self._pieces(start, stop)
-        parts = [self._read_piece(*p) for p in pieces]
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out = np.empty(stop - start, dtype=np.int64)
+        self._read_into(start, stop, out)
         if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
             self._raise_vocab(out, start)
         self.tokens_read += stop - start
@@ -542,12 +548,20 @@ class TokenDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def read_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of shape (len(indices), seq_len); remote blocks are fetched concurrently."""
-        self.prefetch(indices)
-        windows = np.stack([self.window(i) for i in indices]) if indices else None
-        if windows is None:
-            empty = torch.empty(0, self.seq_len, dtype=torch.int64)
-            return empty, empty.clone()
-        w = torch.from_numpy(windows)
+        t0 = time.perf_counter()
+        if self._any_remote:
+            self.prefetch(indices)
+        n, width = len(indices), self.seq_len + 1
+        out = np.empty((n, width), dtype=np.int64)
+        starts = [self._index(i) * self.seq_len for i in indices]
+        for row, start in enumerate(starts):
+            self._read_into(start, start + width, out[row])
+        if self.vocab_size is not None and n and int(out.max()) >= self.vocab_size:
+            row = int(np.argmax((out >= self.vocab_size).any(axis=1)))
+            self._raise_vocab(out[row], starts[row])
+        self.tokens_read += n * width
+        self.read_seconds += time.perf_counter() - t0
+        w = torch.from_numpy(out)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
     def stats(self) -> dict[str, float]:

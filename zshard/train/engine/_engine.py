@@ -57,6 +57,7 @@ from zshard.train.optim import (
     tensorwise_step,
 )
 from zshard.train.zero import (
+    UPDATE_WINDOW,
     Comm,
     FlatBufferGroup,
     FlatParamGroup,
@@ -77,8 +78,6 @@ from zshard.train.zero import (
 )
 
 log = logging.getLogger("zshard.train")
-
-UPDATE_WINDOW = 1 << 20  # elements per optimizer-update window (elementwise optimizers)
 
 ConfigSource = ZshardConfig | Mapping[str, Any] | str | Path | None
 
@@ -244,11 +243,11 @@ class Engine:
 
     def _update_scratch(self) -> torch.Tensor | None:
         """One fp32 buffer for the windowed update, allocated once: the optimizer's temporaries
-        (first half) and, when gradients are not fp32, the window's fp32 gradient (second)."""
-        if not getattr(self.optimizer, "elementwise", False) or self._offload is not None:
-            return None
+        (first half) and, when gradients are not fp32, the window's fp32 gradient (second; the
+        gradient norm converts through the first)."""
+        windowed = getattr(self.optimizer, "elementwise", False) and self._offload is None
         trainable = [g for g in self.groups if g.trainable]
-        if not trainable:
+        if not trainable or not (windowed or self.grad_dtype != torch.float32):
             return None
         span = max(g.update_range[1] - g.update_range[0] for g in trainable)
         n = min(UPDATE_WINDOW, span)
@@ -390,7 +389,7 @@ class Engine:
         # One all-reduce gives both the global norm and, for fp16, the overflow verdict.
         sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in trainable:
-            sumsq += torch.linalg.vector_norm(g.grad_for_norm(), dtype=torch.float32) ** 2
+            sumsq += self._sum_of_squares(g.grad_for_norm())
         total = float(self.comm.all_reduce(sumsq).item())
         if not math.isfinite(total):
             # Skipped in every precision, as DeepSpeed's ZeRO does (bf16: check_grad_overflow).
@@ -493,6 +492,18 @@ class Engine:
         assert g.master is not None and g.param_part is not None
         if not g.master_is_param:
             (g.flat if self.stage == 0 else g.param_part).copy_(g.master)  # type: ignore[union-attr]
+
+    def _sum_of_squares(self, grad: torch.Tensor) -> torch.Tensor:
+        """Σ grad², in fp32; a non-fp32 gradient is converted one window at a time."""
+        scratch = self._scratch
+        if grad.dtype == torch.float32 or scratch is None:
+            return torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
+        window = min(UPDATE_WINDOW, scratch.numel())
+        total = torch.zeros((), dtype=torch.float32, device=grad.device)
+        for a in range(0, grad.numel(), window):
+            b = min(grad.numel(), a + window)
+            total += torch.linalg.vector_norm(scratch[: b - a].copy_(grad[a:b])) ** 2
+        return total
 
     def _windowed_update(
         self, g: FlatParamGroup, optimizer: FlatOptimizer, scale: float, lr: float

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zshard.convert.consolidate import ZshardSource, select, split_shards
+from zshard.convert.consolidate import ZshardSource, select
 from zshard.convert.safetensors_io import INDEX_NAME, TIES_METADATA_KEY, SafetensorsWriter
 from zshard.errors import OutputExistsError, ZshardError
 from zshard.store import dtypes, to_numpy
@@ -119,8 +119,10 @@ def write_hf_dir(
             with contextlib.suppress(ZshardError, OSError):
                 parent.remove_tree(stage_name)
         raise
-    return ([CONFIG_FILE] if config_json is not None else []) + files + (
-        [INDEX_NAME] if len(files) > 1 else []
+    return (
+        ([CONFIG_FILE] if config_json is not None else [])
+        + files
+        + ([INDEX_NAME] if len(files) > 1 else [])
     )
 
 
@@ -239,7 +241,8 @@ def save_16bit_model(
                 assert g.flat is not None
                 for m in g.members:
                     part = g.flat[m.offset : m.offset + m.numel]
-                    yield to_numpy(part.detach().to("cpu")) if rank0 else None
+                    # A copy: a numpy view would pin the gathered buffer's storage.
+                    yield to_numpy(part.detach().to("cpu", copy=True)) if rank0 else None
             finally:
                 if s3 is not None:
                     s3.maybe_release(g)

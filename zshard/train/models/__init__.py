@@ -24,8 +24,8 @@ from zshard.train.models.gpt import GPT, GPTConfig, build_model, num_params
 
 __all__ = [
     "GPT",
-    "ActivationCheckpointing",
     "MODELS",
+    "ActivationCheckpointing",
     "GPTConfig",
     "ModelAndData",
     "apply_activation_checkpointing",
@@ -59,7 +59,8 @@ def gpt(*, activation_checkpointing: Any = False, **kwargs: Any) -> GPT:
             f"unknown option(s) for model 'gpt': {', '.join(unknown)}; "
             f"valid: {', '.join(sorted(fields | {'activation_checkpointing'}))}"
         )
-    return build_model(GPTConfig(**kwargs), activation_checkpointing=activation_checkpointing is True)
+    on = activation_checkpointing is True
+    return build_model(GPTConfig(**kwargs), activation_checkpointing=on)
 
 
 def hf(**kwargs: Any) -> nn.Module:

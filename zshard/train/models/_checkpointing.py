@@ -103,12 +103,12 @@ def apply_activation_checkpointing(model: nn.Module, value: Any) -> list[str]:
     return _generic(model, spec)
 
 
-def _gpt(model: nn.Module, spec: ActivationCheckpointing) -> list[str]:
+def _gpt(model: Any, spec: ActivationCheckpointing) -> list[str]:
     if spec.number_checkpoints is None and not spec.cpu_checkpointing:
         model.activation_checkpointing = True  # the GPT's own loop over its blocks
-        return [f"blocks.{i}" for i in range(len(model.blocks))]  # type: ignore[arg-type]
+        return [f"blocks.{i}" for i in range(len(model.blocks))]
     model.activation_checkpointing = False
-    blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]  # type: ignore[arg-type]
+    blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
     return _wrap(blocks, spec)
 
 
@@ -148,9 +148,7 @@ def _generic(model: nn.Module, spec: ActivationCheckpointing) -> list[str]:
         if type(m).__name__ in wanted or f"{type(m).__module__}.{type(m).__qualname__}" in wanted
     ]
     # A block inside another checkpointed block is recomputed with it: wrap the outer one only.
-    outer = [
-        (n, m) for n, m in found if not any(n.startswith(f"{o}.") for o, _ in found if o != n)
-    ]
+    outer = [(n, m) for n, m in found if not any(n.startswith(f"{o}.") for o, _ in found if o != n)]
     if not outer:
         classes = sorted({type(m).__name__ for m in model.modules()})
         raise ConfigError(
@@ -158,7 +156,7 @@ def _generic(model: nn.Module, spec: ActivationCheckpointing) -> list[str]:
             f"{type(model).__name__}; its classes: {', '.join(classes)}"
         )
     if hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = False  # e.g. the built-in GPT: not twice
+        setattr(model, "activation_checkpointing", False)  # noqa: B010 (the built-in GPT)
     return _wrap(outer, spec)
 
 
@@ -167,9 +165,7 @@ def _wrap(blocks: list[tuple[str, nn.Module]], spec: ActivationCheckpointing) ->
         blocks = blocks[: spec.number_checkpoints]
     for _, module in blocks:
         inner = getattr(module, _MARK, None) or module.forward
-        module.forward = functools.partial(  # type: ignore[method-assign]
-            _checkpointed, module, inner, spec.cpu_checkpointing
-        )
+        module.forward = functools.partial(_checkpointed, module, inner, spec.cpu_checkpointing)
         setattr(module, _MARK, inner)
     return [n for n, _ in blocks]
 

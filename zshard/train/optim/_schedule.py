@@ -21,8 +21,7 @@ import dataclasses
 import math
 from typing import Any
 
-from zshard.train.config import SchedulerConfig
-from zshard.train.config._lrsched import DS_SCHEDULES, schedule_params
+from zshard.train.config import DS_SCHEDULES, SchedulerConfig, schedule_params
 from zshard.train.optim._optimizers import FlatOptimizer
 
 
@@ -69,7 +68,7 @@ def optimizer_at(opt: FlatOptimizer, t: int, cfg: SchedulerConfig) -> FlatOptimi
     mom = momentum_at(t, cfg)
     if mom is None or not hasattr(opt, "betas") or not dataclasses.is_dataclass(opt):
         return opt
-    out: FlatOptimizer = dataclasses.replace(opt, betas=(mom, ONE_CYCLE_BETA2))  # type: ignore[type-var]
+    out: FlatOptimizer = dataclasses.replace(opt, betas=(mom, ONE_CYCLE_BETA2))
     return out
 
 

@@ -15,10 +15,16 @@ are the master, no copy). SGD with momentum keeps 4 bytes of state (plus the 4-b
 mixed precision). Ψ/N is rounded up, as partitions are; the per-tensor padding of flat groups
 (less than one element per rank and group) is ignored.
 
-Buffers come on top: the gradient reduce bucket (stages 0-2), the parameter all-gather bucket
-(stages 1-2) and at stage 3 the gathered modules (the one in use plus ``zero.prefetch`` ahead), the
-full gradient of the module in backward, and the modules below ``param_persistence_threshold``
-that stay whole. Activations, the CUDA context and allocator fragmentation are not counted.
+Buffers come on top, as the engine allocates them (once, at start-up, except the gathered
+modules): the optimizer update's scratch window (every stage; twice that when gradients are not
+fp32); with more than one rank, ``STAGE2_SLOTS`` gradient-bucket staging slots of
+``reduce_bucket_size`` elements at stage 2 (stages 0-1 reduce in place in the gradient), with
+native collectives (NCCL) ``GATHER_SLOTS`` all-gather slots of ``allgather_bucket_size`` elements
+at stages 1-2 (gloo gathers in place); at stage 3 the gathered modules (the one in use plus
+``zero.prefetch`` ahead), ``STAGE3_SLOTS`` staging slots for module gradients being
+reduce-scattered (plus their partitions with native collectives), and the modules below
+``param_persistence_threshold`` that stay whole. Activations, the CUDA context and allocator
+fragmentation are not counted.
 
 Offload moves state off the rank: ``offload_optimizer`` the K bytes per parameter (master and
 optimizer state), ``offload_param`` (stage 3 only) the parameter partition.
@@ -45,10 +51,17 @@ from zshard.train.config import (
     stats_of,
 )
 from zshard.train.models.stats import ModelStats
+from zshard.train.zero import (
+    GATHER_SLOTS,
+    STAGE2_SLOTS,
+    STAGE3_SLOTS,
+    UPDATE_WINDOW,
+    collective_mode,
+)
 
 STAGES = (0, 1, 2, 3)
 PARAM_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
-OptimizerName = Literal["adamw", "adam", "sgd"]
+OptimizerName = Literal["adamw", "adam", "sgd", "lamb"]  # lamb: Adam's state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,9 +74,13 @@ class EstimateInput:
     grad_accum_dtype: Literal["param", "fp32"] = "param"
     optimizer: OptimizerName = "adamw"
     momentum: bool = True  # SGD only: keeps a momentum buffer
-    reduce_bucket_size: int = 50_000_000
-    allgather_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = 2_000_000
+    allgather_bucket_size: int = 2_000_000
     prefetch: int = 2
+    # How collectives are built (zero.Comm): "allreduce" (gloo) or "native" (NCCL).
+    collectives: Literal["allreduce", "native"] = field(
+        default_factory=lambda: _collectives("auto")
+    )
     offload_optimizer: bool = False
     offload_param: bool = False
     memory_per_rank: int | None = None
@@ -81,7 +98,7 @@ class EstimateInput:
             raise InvalidArgumentError(
                 f"--precision must be one of fp32, bf16, fp16, got {self.precision!r}"
             )
-        if self.optimizer not in ("adamw", "adam", "sgd"):
+        if self.optimizer not in ("adamw", "adam", "sgd", "lamb"):
             raise InvalidArgumentError(
                 f"--optimizer must be one of adamw, adam, sgd, got {self.optimizer!r}"
             )
@@ -230,19 +247,38 @@ def per_rank(inp: EstimateInput, stage: int, world_size: int | None = None) -> S
     )
 
 
+def _collectives(backend: str) -> Literal["allreduce", "native"]:
+    """The engine's choice (``zero.collective_mode``) for ``dist.backend``; ``auto`` is NCCL
+    where CUDA is available, gloo otherwise."""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return "native" if collective_mode(backend) == "native" else "allreduce"
+
+
 def _buffers(inp: EstimateInput, stage: int, n: int) -> dict[str, int]:
+    """The buffers the engine allocates at ``stage`` (see the module doc), by name."""
     m = inp.model
-    p, g = inp.param_bytes, inp.grad_bytes
+    p = inp.param_bytes
     out: dict[str, int] = {}
-    if n > 1 and stage in (0, 1, 2):
-        out["reduce_bucket"] = min(inp.reduce_bucket_size, m.trainable) * g
-    if n > 1 and stage in (1, 2):
-        out["allgather_bucket"] = min(inp.allgather_bucket_size, m.params) * p
+    # The module in use plus `prefetch` ahead, sized by the largest ones (an upper bound).
+    ahead = sorted(m.gathered_modules, reverse=True) or [m.largest_module] * (1 + inp.prefetch)
+    windowed = inp.optimizer in ("adamw", "adam", "sgd") and not inp.offload_optimizer
+    if windowed or inp.grad_bytes != 4:
+        # The largest update range: a flat group's padded buffer (stage 0) or partition.
+        whole = m.trainable if stage < 3 else ahead[0]
+        span = math.ceil(whole / n) * (n if stage == 0 else 1)
+        halves = 1 if inp.grad_bytes == 4 else 2  # + the window's fp32 gradient
+        out["update_scratch"] = min(UPDATE_WINDOW, span) * 4 * halves
+    if n > 1 and stage == 2:
+        out["reduce_bucket"] = STAGE2_SLOTS * min(inp.reduce_bucket_size, m.trainable) * p
+    if n > 1 and stage in (1, 2) and inp.collectives == "native":
+        bucket = min(inp.allgather_bucket_size // n * n or n, math.ceil(m.params / n) * n)
+        out["allgather_bucket"] = GATHER_SLOTS * bucket * p
     if stage == 3:
-        # The module in use plus `prefetch` ahead, sized by the largest ones (an upper bound).
-        ahead = sorted(m.gathered_modules, reverse=True) or [m.largest_module] * (1 + inp.prefetch)
         out["gathered_modules"] = sum(ahead[: 1 + inp.prefetch]) * p
-        out["module_grad"] = ahead[0] * g  # full gradient of the module in backward
+        if n > 1:  # slots for module gradients being reduce-scattered (+ NCCL's outputs)
+            part = math.ceil(ahead[0] / n)
+            out["module_grad"] = STAGE3_SLOTS * part * (n + (inp.collectives == "native")) * p
         if m.persistent:
             out["persistent_modules"] = m.persistent * p
     return out
@@ -327,6 +363,7 @@ def from_config(
         reduce_bucket_size=z.reduce_bucket_size,
         allgather_bucket_size=z.allgather_bucket_size,
         prefetch=z.prefetch,
+        collectives=_collectives(cfg.dist.backend),
         offload_optimizer=(
             _offloaded(z.offload_optimizer) if offload_optimizer is None else offload_optimizer
         ),
@@ -431,8 +468,10 @@ def render(est: Estimate) -> list[str]:
             f"{more}{hint}"
         )
     lines.append(
-        "buffers: reduce bucket (stages 0-2), all-gather bucket (1-2), gathered modules, "
-        "module gradient and persistent modules (3); activations are not counted"
+        f"buffers: update scratch; reduce bucket slots (stage 2), all-gather bucket slots (1-2, "
+        f"{inp.collectives} collectives: "
+        f"{'in place' if inp.collectives == 'allreduce' else 'staged'}), gathered modules, "
+        "module gradient slots and persistent modules (3); activations are not counted"
     )
     lines.extend(f"assumption: {a}" for a in inp.assumptions)
     return lines

@@ -66,16 +66,20 @@ def main() -> None:
         del sys.path[0]  # run as a script: this directory is no import root
     _die_with_parent(int(os.environ.get(LAUNCHER_PID_ENV, "0")))
     os.environ[AGENT_PID_ENV] = str(os.getpid())
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
     names = ["SIGINT", "SIGTERM", "SIGHUP", os.environ.get(PREEMPT_ENV, "")]
     for name in dict.fromkeys(n for n in names if n):
         sig = signal.Signals[name]
         signal.signal(sig, _request_stop)
         _SIGNALS.append(sig)
 
-    from torch.distributed.run import main as torchrun
+    from torch.distributed import run as torchrun
 
-    torchrun(sys.argv[1:])
+    args = sys.argv[1:]
+    if "--signals-to-handle" in torchrun.get_args_parser()._option_string_actions:
+        args = ["--signals-to-handle=SIGQUIT", *args]  # it sets the variable below itself
+    else:  # older torch reads only the variable
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
+    torchrun.main(args)
 
 
 if __name__ == "__main__":

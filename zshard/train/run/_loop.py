@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, TextIO, cast
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,7 @@ from zshard.train.models import make_model
 from zshard.train.run._saves import SaveFailed, Saves
 from zshard.train.run._stop import (
     AGENT_PID_ENV,
+    SafeStream,
     StopSignals,
     agree,
     die_with_parent,
@@ -163,9 +164,12 @@ def train(cfg: ZshardConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             loss = engine(x.to(engine.device), y.to(engine.device))
             engine.backward(loss)
             total += float(loss.detach().float().item())
-        engine.step()
+        # Before step(): its all-reduce queues behind the gradient reductions (which step waits
+        # for anyway), not behind the parameter all-gathers step() starts for the next forward.
         loss_mean = mean_across_ranks(total / accum, engine.device)
+        engine.step()
         dt = time.perf_counter() - t0
+        comm = engine.stats()  # this rank's collectives during the step, by kind (bytes)
         record: dict[str, Any] = {
             "step": step + 1,
             "loss": loss_mean,
@@ -173,6 +177,8 @@ def train(cfg: ZshardConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             "tokens_per_s": tokens_per_step / dt,
             "step_time_s": dt,
             "peak_rss_bytes": peak_rss_bytes(),
+            "comm_bytes": {k: c["bytes"] for k, c in comm["comm"].items() if c["calls"]},
+            "comm_cross_node_bytes": comm["comm_cross_node_bytes"],
         }
         every = cfg.train.eval_every
         if val is not None and every and (step + 1) % every == 0:
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     # gracefully on SIGINT/SIGTERM/SIGHUP from the first moment (see _stop).
     die_with_parent(int(os.environ.get(AGENT_PID_ENV, "0")) or None)
     stop = StopSignals().install()
+    sys.stdout = cast(TextIO, SafeStream(sys.stdout))  # progress must not break a stop
     parser = argparse.ArgumentParser(prog="python -m zshard.train.run._loop")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])

@@ -145,6 +145,34 @@ class StopSignals:
         return self.signum
 
 
+class SafeStream:
+    """A worker's stdout that a vanished reader cannot turn into a crash: after a closed terminal
+    (SIGHUP) or a killed pipe (``zshard train ... | tee log`` and Ctrl-C) the progress is dropped,
+    and the stop can still save."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return int(self._stream.write(text))
+            except (OSError, ValueError):
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 @dataclass(frozen=True)
 class Agreement:
     """What all ranks agreed on before a step."""
@@ -201,6 +229,7 @@ __all__ = [
     "STOPPED_FILE",
     "STOP_REQUEST_FILE",
     "Agreement",
+    "SafeStream",
     "StopSignals",
     "agree",
     "die_with_parent",

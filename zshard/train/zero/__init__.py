@@ -25,7 +25,13 @@ from zshard.train.zero._comm import (
 from zshard.train.zero._flat import FlatBufferGroup, FlatParamGroup, Member, numel_bytes
 from zshard.train.zero._gather import ParamGather
 from zshard.train.zero._reduce import DoubleGradientError, GradReducer, GradSink
-from zshard.train.zero._slots import GATHER_SLOTS, STAGE2_SLOTS, STAGE3_SLOTS, SlotPool
+from zshard.train.zero._slots import (
+    GATHER_SLOTS,
+    STAGE2_SLOTS,
+    STAGE3_SLOTS,
+    UPDATE_WINDOW,
+    SlotPool,
+)
 from zshard.train.zero._stage3 import ParamSource, Stage3
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "MODE_ENV",
     "STAGE2_SLOTS",
     "STAGE3_SLOTS",
+    "UPDATE_WINDOW",
     "Comm",
     "DoubleGradientError",
     "FlatBufferGroup",

@@ -211,6 +211,12 @@ class Comm:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def reduce_scatter_in_place(self) -> bool:
+        """Whether :meth:`reduce_scatter` may write into this rank's chunk of its input (mode
+        ``allreduce``: no output buffer needed)."""
+        return self.mode != "native"
+
     def describe(self) -> str:
         """One line for the start-up log: which collective implements what, and why."""
         if self.mode == "local":
@@ -320,8 +326,9 @@ class Comm:
     ) -> Handle:
         """``out`` (n,) <- sum over ranks of ``full[rank * n:(rank + 1) * n]``.
 
-        ``full``'s contents are undefined afterwards (mode ``allreduce`` sums it in place and
-        copies this rank's chunk into ``out`` on completion); ``out`` must not alias ``full``.
+        ``full``'s contents are undefined afterwards. Mode ``allreduce`` sums ``full`` in place
+        and copies this rank's chunk into ``out`` on completion, unless ``out`` *is* that chunk
+        (see :attr:`reduce_scatter_in_place`); otherwise ``out`` must not alias ``full``.
         """
         if not self.distributed:
             out.copy_(full)
@@ -330,7 +337,8 @@ class Comm:
             n = out.numel()
             lo = self.rank * n
             h = self.start_all_reduce(full, async_op=True)
-            h.then(lambda: out.copy_(full[lo : lo + n]))
+            if out.data_ptr() != full[lo:].data_ptr():
+                h.then(lambda: out.copy_(full[lo : lo + n]))
             if not async_op:
                 h.wait()
             return h

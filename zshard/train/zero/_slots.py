@@ -12,6 +12,7 @@ import torch
 STAGE2_SLOTS = 2  # stage 2: gradient buckets in flight (one filling while one reduces)
 STAGE3_SLOTS = 2  # stage 3: module gradients being reduce-scattered at once
 GATHER_SLOTS = 2  # stages 1-2, mode native: parameter all-gather buckets in flight
+UPDATE_WINDOW = 1 << 19  # elements per optimizer-update window (elementwise optimizers)
 
 
 class SlotPool:

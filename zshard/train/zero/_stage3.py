@@ -130,7 +130,8 @@ class Stage3:
             full = max(_nbytes(g.padded_numel, g.dtype) for g in trainable)
             part = max(_nbytes(g.partition_numel, g.dtype) for g in trainable)
             self._slots = SlotPool(count, full, device)
-            self._parts = SlotPool(count, part, device)  # slot i of both is used together
+            if not comm.reduce_scatter_in_place:  # slot i of both is used together
+                self._parts = SlotPool(count, part, device)
         self._reset_pending()
 
     def install(self) -> None:
@@ -293,7 +294,6 @@ class Stage3:
         assert g.grad is not None
         held = self._held.pop(g.name, {})
         if self._slots is not None:
-            assert self._parts is not None
             slots, parts = self._slots, self._parts
             i = self._take_slot()
             full = slots.view(i, g.dtype, g.padded_numel)
@@ -306,7 +306,11 @@ class Stage3:
                     dest.copy_(grad)
             full[g.numel :].zero_()
             del held
-            part = parts.view(i, g.dtype, g.partition_numel)
+            if parts is None:  # the result lands in this rank's chunk of the slot
+                lo, hi = g.partition_range
+                part = full[lo:hi]
+            else:
+                part = parts.view(i, g.dtype, g.partition_numel)
             grad_part = g.grad
 
             def finish() -> None:
