@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import snapshot, subprocess_env
+from tests.conftest import snapshot
+from tests.harness import run_cli
 from zshard import configs
 from zshard.errors import ConfigError
 from zshard.train.config import load_config
@@ -19,17 +19,7 @@ from zshard.train.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def zshard(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = subprocess_env()
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "zshard.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+zshard = run_cli
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess[str], words: str) -> None:

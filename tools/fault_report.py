@@ -261,6 +261,15 @@ DISCUSSION = """
   attempt after rank 1 wrote its first shard of the step-3 save, on the second in step 5; with
   `--max-restarts 2` the run must finish with parameters bitwise equal to an uninterrupted run.
   A 3-rank run killed in step 5 is resumed at 2 ranks (global batch 12 divides both).
+- **Stopping a run** (`tests/train/_stop_runs.py`, also run by `tests/train/test_stop.py`). A
+  model provider for `zshard train` holds rank 0 inside step 4 until the harness opens a gate,
+  so a signal sent meanwhile lands in that step: SIGTERM or SIGINT to the launcher alone (the run
+  must stop after step 4, commit it, exit 75, and its rerun end bitwise equal to an
+  uninterrupted run), the preemption signal with `on_signal: exit`, a second SIGTERM while rank
+  1 stalls after its first shard of the stop's save, SIGKILL of the launcher. Other providers
+  SIGKILL rank 1 in step 5, or fail every write of rank 1 into one step directory with ENOSPC
+  (raised where a full disk raises it, in `LocalStream.write`). While a run goes, the harness
+  records every descendant of the launcher (psutil); none may be left once it has exited.
 
 ## What the harness found, and the fixes
 
@@ -282,7 +291,58 @@ DISCUSSION = """
   bounded, jittered retries for idempotent operations; streamed objects are spooled locally and
   uploaded whole so that a failed upload can be replayed.
 - **Two runs could write one root**: `zshard/store/lock.py` adds the root lock.
+- **Orphaned runs**: `zshard train` ran torch.distributed.run as a plain child and did nothing on
+  signals. SIGTERM or SIGINT to it alone ended it at once (143, 130) and left the agent and
+  workers training without a parent and without the root's lock: a second run could take the
+  lock and write to the same root. The launcher now turns signals into a stop request, returns
+  only when no process of the run is left, and its agent and workers die with it (see "Stopping
+  a run").
+- **A failed periodic save read as bad input**: a disk-full StorageError is a ZshardError, so the
+  run ended with exit 2, and the line shown could be another rank's "another rank failed". It is
+  now exit 1 naming the rank whose write failed, with the last committed checkpoint;
+  `checkpoint.on_error: continue` keeps training (`zshard/train/run/_saves.py`).
 - A manifest with `format_version` 0 or negative was accepted; it is now rejected.
+
+## Stopping a run
+
+- **Signals.** `zshard train` catches SIGINT, SIGTERM, SIGHUP and `checkpoint.preempt_signal`
+  (default SIGUSR1, which SLURM's `--signal=USR1@<seconds>` sends ahead of the time limit; `none`
+  for no extra signal). The first writes a stop request into the attempt's local error
+  directory and says so on stderr; before each step every worker reads it, and the ranks agree
+  with one 16-byte all-reduce (MAX), so all stop at the same step, on every node. Then
+  `checkpoint.on_signal: save` (default) commits a synchronous checkpoint of that step and the
+  run ends with `stopped at step N by SIGTERM; checkpoint <path>; rerun the same command to
+  resume`, exit 75; `exit` ends without saving, exit 128 + N. A second signal SIGKILLs every
+  process of the run at once (exit 128 + N): a checkpoint exists only once its manifest is
+  committed, so the last committed one stays as it was. The elastic agent and the workers catch
+  the same signals when sent to them directly (SLURM signals every task of a step): the agent
+  writes the same stop request, a worker counts it as its own; torch's agent keeps only SIGQUIT.
+- **No orphans.** The agent starts in a session of its own, so a Ctrl-C in the terminal reaches
+  the launcher alone. The agent and each worker ask for SIGKILL when their parent dies
+  (`prctl(PR_SET_PDEATHSIG)`, Linux), then check that their parent is still the one that started
+  them; a SIGKILLed launcher thus takes its agent and, through it, the workers along. The
+  launcher records its descendants while the run goes (torch starts each worker in a session of
+  its own) and returns only when none is left (SIGKILL after 10 s), so the root's lock, held by
+  the launcher, lasts as long as the run.
+- **A dead rank.** torch's agent notices a dead worker within 0.1 s and sends SIGTERM to the
+  others; a peer blocked in a collective with a dead process fails at once (gloo sees the closed
+  connection), or at the latest after `dist.timeout_s` (default 300 s). The run ends with one
+  line naming the rank, its signal (or error) and the last committed checkpoint; with
+  `--max-restarts` the launcher restarts from that checkpoint instead.
+- **A failed save.** Disk full, permission denied or an unreachable store during a periodic save:
+  nothing of that step is committed and earlier checkpoints are untouched. `checkpoint.on_error:
+  stop` (default) ends the run (exit 1) with one line naming the rank, the step directory and the
+  cause; `continue` prints one warning (from the rank whose write failed) and saves again at the
+  next interval. The final save of a run, or of a stop, is never skipped: its failure ends the
+  run.
+
+| exit code | meaning |
+|---:|---|
+| 0 | done; the last line names the newest checkpoint and `zshard consolidate` |
+| 1 | training failed: one line with the rank, its signal or error, the last committed checkpoint |
+| 2 | bad input (nothing written) |
+| 75 | stopped by a signal after committing a checkpoint of the step reached; rerun to resume |
+| 128 + N | ended by signal N without a new checkpoint (`on_signal: exit`, a second signal) |
 
 ## Limits
 
@@ -305,6 +365,14 @@ DISCUSSION = """
 - **Spooling**: a streamed object larger than 16 MiB is spooled to a local temporary file
   (`TMPDIR`) before upload, so that it can be replayed; this needs local scratch space for one
   shard at a time and uploads after the shard is produced rather than during.
+- **Stops happen between steps**: a step that never ends (a peer hung, not dead) ends only by
+  `dist.timeout_s` or a second signal. A signal sent straight to a worker in its first seconds,
+  before its handlers are installed, kills it (the run then fails as for a dead worker); the
+  launcher's and the agent's requests go through a file and are never lost that way. The
+  checkpoint side channel waits at least an hour (slow object stores), so a peer lost mid-save on
+  a host that vanished without closing its connections holds the others that long.
+- **PR_SET_PDEATHSIG is Linux only**: elsewhere a SIGKILLed launcher leaves its agent and
+  workers running (signals to the launcher still end the whole run).
 
 ## Settings
 

@@ -216,6 +216,7 @@ class Run:
 def start_run(
     workdir: Path, name: str, *args: str, plan: dict[str, Any] | None = None, steps: int = STEPS
 ) -> Run:
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "stopmodel.py").write_text(STOP_MODEL)
     ckpt = workdir / name
     cfg = workdir / f"{name}.yaml"
@@ -419,6 +420,28 @@ def killed_worker(workdir: Path) -> dict[str, float]:
     return {"seconds": seconds}
 
 
+def killed_worker_restarted(workdir: Path, reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """As :func:`killed_worker` with ``--max-restarts 1``: one line names rank 1, SIGKILL and the
+    checkpoint the restart resumes from (step 3); the run ends bitwise equal to ``reference``."""
+    run = start_run(workdir, "run", "--max-restarts", "1", plan={"kill": {"rank": 1, "call": 13}})
+    run.wait_mark("killed")
+    t0 = time.monotonic()
+    code = run.finish()
+    seconds = time.monotonic() - t0
+    err = run.stderr
+    assert code == 0, err
+    no_process_left(run)
+    step3 = run.ckpt / "step-00000003"
+    restarts = lines_with(err, "restarting from the newest checkpoint")
+    assert len(restarts) == 1, err
+    assert "rank 1 (local rank 1, pid" in restarts[0] and "killed by SIGKILL" in restarts[0]
+    assert f"restarting from the newest checkpoint, {step3} (restart 1 of 1" in restarts[0]
+    assert committed_step(run.ckpt) == STEPS
+    got = final_params(run.ckpt)
+    assert all(torch.equal(got[n], reference[n]) for n in reference), "not bitwise after restart"
+    return {"seconds": seconds}
+
+
 def killed_launcher(workdir: Path) -> dict[str, float]:
     """SIGKILL of the launcher (it cannot react): its agent and workers die with it
     (PR_SET_PDEATHSIG), and the next run takes over the root's lock."""
@@ -515,6 +538,12 @@ SCENARIOS: dict[str, tuple[str, str, Callable[..., dict[str, float]]]] = {
         "run ended within dist.timeout_s with one line naming the rank, SIGKILL and the last "
         "committed checkpoint; no process left",
         lambda d, ref: killed_worker(d),
+    ),
+    "killed-worker-restarted": (
+        "SIGKILL of one `zshard train` worker, `--max-restarts 1`",
+        "one line naming the rank, SIGKILL and the checkpoint resumed from; the run finished "
+        "bitwise equal to an uninterrupted run",
+        killed_worker_restarted,
     ),
     "killed-launcher": (
         "SIGKILL of `zshard train` itself",

@@ -32,7 +32,7 @@ def _module_state(engine: zt.Engine) -> dict[str, torch.Tensor]:
     """The engine's weights (canonical names, tied ones once) and persistent buffers."""
     with engine.gathered_parameters():
         out = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    out.update({n: b.detach().clone() for n, b in engine.module.named_buffers()})
+    out.update({n: b.detach().clone() for n, b in _export._persistent_buffers(engine.module)})
     return out
 
 

@@ -48,6 +48,13 @@ def test_a_killed_worker_ends_the_run_naming_the_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_killed_worker_with_max_restarts_resumes_from_the_last_checkpoint(
+    tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    runs.killed_worker_restarted(tmp_path, reference)
+
+
+@pytest.mark.slow
 def test_a_killed_launcher_takes_its_agent_and_workers_along(tmp_path: Path) -> None:
     runs.killed_launcher(tmp_path)
 

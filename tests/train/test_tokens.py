@@ -33,6 +33,7 @@ from zshard.train.data import (
     collate,
     load_tokenizer,
     open_data,
+    read_ahead,
     tokenize,
 )
 from zshard.train.data import _tokenize as tokenize_module
@@ -289,7 +290,9 @@ def test_s3_reads_the_same_samples_as_local_files(tmp_path: Path, s3_bucket: str
     sampler = GlobalBatchSampler(len(local), 12, seed=3)
     for step in (0, 13, 29, 41):  # shuffled batches, past one epoch
         for rank, world in ((0, 2), (1, 2), (2, 3)):
-            idx = sampler.micro_batch(step, rank, world, 2, 12 // (2 * world) - 1)
+            a = 12 // (2 * world) - 1
+            read_ahead(remote, sampler, step, a, rank, world, 2)  # the next two, in the background
+            idx = sampler.micro_batch(step, rank, world, 2, a)
             xl, yl = collate(local, idx)
             xr, yr = collate(remote, idx)
             assert torch.equal(xl, xr) and torch.equal(yl, yr)

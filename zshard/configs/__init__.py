@@ -81,7 +81,7 @@ def resolve(name_or_path: str) -> str:
     bare = _bare_name(name_or_path)
     if bare is not None and bare in names():
         return _path_of(bare)
-    raise _unknown(name_or_path, "no config file or built-in config")
+    raise _unknown(name_or_path, "config file does not exist and is no built-in config:")
 
 
 def looks_like_path(arg: str) -> bool:

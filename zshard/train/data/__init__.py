@@ -11,7 +11,7 @@ from zshard.train.data._open import (
     model_vocab_size,
     open_data,
 )
-from zshard.train.data._sampler import GlobalBatchSampler
+from zshard.train.data._sampler import GlobalBatchSampler, read_ahead
 from zshard.train.data._text import (
     DEFAULT_CORPUS,
     VOCAB_SIZE,
@@ -54,6 +54,7 @@ __all__ = [
     "load_tokenizer",
     "model_vocab_size",
     "open_data",
+    "read_ahead",
     "read_meta",
     "tokenize",
     "tokenizer_vocab_size",

@@ -58,6 +58,7 @@ from zshard.train.zero import (
     UPDATE_WINDOW,
     collective_mode,
 )
+from zshard.units import parse_size
 
 STAGES = (0, 1, 2, 3)
 PARAM_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -262,10 +263,12 @@ def _buffers(inp: EstimateInput, stage: int, n: int) -> dict[str, int]:
     out: dict[str, int] = {}
     # The module in use plus `prefetch` ahead, sized by the largest ones (an upper bound).
     ahead = sorted(m.gathered_modules, reverse=True) or [m.largest_module] * (1 + inp.prefetch)
+    # Stage 3's largest flat group; when every module stays whole, at most all of them.
+    biggest = ahead[0] or m.persistent
     windowed = inp.optimizer in ("adamw", "adam", "sgd") and not inp.offload_optimizer
     if windowed or inp.grad_bytes != 4:
         # The largest update range: a flat group's padded buffer (stage 0) or partition.
-        whole = m.trainable if stage < 3 else ahead[0]
+        whole = m.trainable if stage < 3 else biggest
         span = math.ceil(whole / n) * (n if stage == 0 else 1)
         halves = 1 if inp.grad_bytes == 4 else 2  # + the window's fp32 gradient
         out["update_scratch"] = min(UPDATE_WINDOW, span) * 4 * halves
@@ -277,7 +280,7 @@ def _buffers(inp: EstimateInput, stage: int, n: int) -> dict[str, int]:
     if stage == 3:
         out["gathered_modules"] = sum(ahead[: 1 + inp.prefetch]) * p
         if n > 1:  # slots for module gradients being reduce-scattered (+ NCCL's outputs)
-            part = math.ceil(ahead[0] / n)
+            part = math.ceil(biggest / n)
             out["module_grad"] = STAGE3_SLOTS * part * (n + (inp.collectives == "native")) * p
         if m.persistent:
             out["persistent_modules"] = m.persistent * p
@@ -292,7 +295,6 @@ def estimate(inp: EstimateInput) -> Estimate:
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMbBtTgG]?)\s*$")
 _COUNT_SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)\s*$")
 
 
 def parse_count(text: str) -> int:
@@ -308,16 +310,7 @@ def parse_count(text: str) -> int:
 
 def parse_memory(text: str) -> int:
     """``"16GB"`` -> 16e9 bytes, ``"16GiB"`` -> 16 * 2**30, ``"80G"`` -> 80e9, bare bytes."""
-    m = _SIZE.match(text)
-    if not m or (m.group(3) and not m.group(2)):
-        raise InvalidArgumentError(f"bad memory size {text!r}; use e.g. 16GB, 16GiB or 80e9")
-    prefix = m.group(2).upper()
-    power = "_KMGT".index(prefix) if prefix else 0
-    scale = 2 ** (10 * power) if m.group(3) else 1000**power
-    value = int(float(m.group(1)) * scale)
-    if value <= 0:
-        raise InvalidArgumentError(f"memory size must be positive, got {text!r}")
-    return value
+    return parse_size(text, what="memory size", examples="16GB, 16GiB or 80e9", positive=True)
 
 
 def default_memory_per_rank(world_size: int) -> tuple[int, str]:

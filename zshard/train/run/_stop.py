@@ -188,12 +188,15 @@ def agree(comm: Any, device: Any, signum: int, save_failed: int = 0) -> Agreemen
     ``save_failed``: 0 no failure held back, 1 another rank's failure, 2 this rank's own.
     """
     import torch  # why: the launcher imports this module too, and never needs torch
+    import torch.distributed as dist
 
     rank, world = comm.rank, comm.world_size
     code = {0: 0, 1: 1}.get(save_failed, 2 * (world - rank))
     if world > 1:
+        # On the engine's group but not through Comm: the engine's per-step traffic statistics
+        # (metrics.jsonl) count the engine's collectives only.
         t = torch.tensor([signum, code], dtype=torch.int64, device=device)
-        comm.all_reduce(t, op="max")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=comm.group)
         signum, code = int(t[0].item()), int(t[1].item())
     reporter = None if code == 0 else 0 if code == 1 else world - code // 2
     return Agreement(signum, reporter)

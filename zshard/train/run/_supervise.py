@@ -128,7 +128,9 @@ class RunSignals:
             self.handled += 1
             if self.handled == 1:
                 request_stop(error_dir, signum, "launcher")
-                print(self._acknowledge(signum), file=sys.stderr, flush=True)
+                # A closed terminal (SIGHUP) must not turn a graceful stop into a crash.
+                with contextlib.suppress(OSError, ValueError):
+                    print(self._acknowledge(signum), file=sys.stderr, flush=True)
             elif not self.aborted:
                 self.aborted = signum
                 if tree is not None:

@@ -118,9 +118,12 @@ class Stage3:
         self._reductions: deque[Handle] = deque()
         self._pending: dict[str, int] = {}
         self._reduced: set[str] = set()
+        # The first iteration's uses per phase, in order (a tied group used twice is there
+        # twice), and each group's first use: the order prefetch follows.
         self._trace: dict[str, list[FlatParamGroup]] | None = {_FWD: [], _BWD: []}
+        self._uses: dict[str, list[FlatParamGroup]] = {_FWD: [], _BWD: []}
         self._order: dict[str, list[FlatParamGroup]] = {_FWD: [], _BWD: []}
-        self._position: dict[str, dict[str, int]] = {_FWD: {}, _BWD: {}}
+        self._cursor: dict[str, int] = {_FWD: 0, _BWD: 0}
         self._handles: list[RemovableHandle] = []
         trainable = [g for g in self.groups if g.trainable]
         self._slots: SlotPool | None = None
@@ -212,15 +215,19 @@ class Stage3:
         for g in self.groups:
             g.fwd_active, g.bwd_hold = 0, False
             self.maybe_release(g)
+        self._cursor = {_FWD: 0, _BWD: 0}
 
     def _use(self, g: FlatParamGroup, phase: str) -> None:
-        if self._trace is not None and g not in self._trace[phase]:
+        if self._trace is not None:
             self._trace[phase].append(g)
         self.gather(g)
-        i = self._position[phase].get(g.name)
+        # Where this use is in the recorded sequence: the next occurrence of g from the cursor
+        # (so the second use of a tied group prefetches what follows *it*, not its first use).
+        order, c = self._uses[phase], self._cursor[phase]
+        i = next((j for j in range(c, len(order)) if order[j] is g), None)
         if i is None:
             return
-        order = self._order[phase]
+        self._cursor[phase] = i + 1
         if self.params is not None:
             for nxt in order[i + 1 : i + 1 + self.prefetch + self.params.read_ahead]:
                 if nxt.flat is None and nxt.name not in self._inflight:
@@ -334,10 +341,8 @@ class Stage3:
         self._reset_pending()
         if self._trace is not None:
             # The first iteration's order drives prefetch from now on.
-            self._order = self._trace
-            self._position = {
-                ph: {g.name: i for i, g in enumerate(gs)} for ph, gs in self._order.items()
-            }
+            self._uses = self._trace
+            self._order = {ph: list(dict.fromkeys(uses)) for ph, uses in self._trace.items()}
             self._trace = None
 
     def wait(self) -> None:
