@@ -62,7 +62,7 @@ def test_parse() -> None:
         ({"blocks": [1]}, "blocks: expected a list of class names"),
         ({"layers": ["X"]}, "layers: unknown key"),
         ({"number_checkpoints": -1}, "number_checkpoints: expected a whole number"),
-        ("yes", "expected true, false or a mapping"),
+        ("yes", "expected bool | dict"),
     ):
         with pytest.raises(ConfigError, match=msg):
             load_config({"train": {"activation_checkpointing": bad}})
@@ -174,7 +174,7 @@ def test_engine_stage3_with_checkpointed_custom_blocks() -> None:
 
 def test_deepspeed_section_turns_it_on_for_the_gpt() -> None:
     ds = {"activation_checkpointing": {"number_checkpoints": 1, "cpu_checkpointing": False}}
-    tree, notes = from_deepspeed(ds)
+    tree, _ = from_deepspeed(ds)
     tree["model"] = {"name": "gpt", "args": {"n_layer": 2, "n_head": 2, "d_model": 32}}
     tree["data"] = {"seq_len": 16}
     cfg = load_config(tree)

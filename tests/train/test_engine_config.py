@@ -44,7 +44,7 @@ def test_yaml_file_and_overrides(tmp_path) -> None:
         ({"zero": {"stages": 1}}, "zero.stages: unknown key; expected one of"),
         ({"train": {"steps": "ten"}}, "train.steps: expected int, got 'ten'"),
         ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size: expected a number > 0"),
-        ({"optimizer": {"name": "lamb"}}, "optimizer.name: expected one of adamw, adam, sgd"),
+        ({"optimizer": {"name": "lion"}}, "optimizer.name: expected one of adamw, adam, sgd"),
         ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: expected a list of 2 numbers"),
         ({"optimizer": {"betas": [0.9, 1.5]}}, "optimizer.betas[1]: expected a number in [0, 1)"),
         ({"optimizer": {"name": "sgd", "nesterov": True}}, "optimizer.nesterov"),

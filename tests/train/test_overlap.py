@@ -192,20 +192,49 @@ def check_counters(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
-def run_all(rank: int, world_size: int, checks: list[str]) -> dict[str, Any]:
-    return {name: globals()[name](rank, world_size) for name in checks}
+def check_resume_save(rank: int, world_size: int, root: str) -> float:
+    """Stage 2, overlap off: 3 steps, save (a resume at world size 3 follows)."""
+    engine = zt.initialize(cases.make_model(), cases.config(2, zero__overlap_comm=False))
+    cases.train(engine, range(3))
+    engine.save(root)
+    engine.close()
+    return 0.0
+
+
+def check_resume_load(rank: int, world_size: int, root: str) -> float:
+    """Load at stage 1 with native collectives and overlap on, finish the run."""
+    with _collectives("native"):
+        engine = zt.initialize(cases.make_model(), cases.config(1))
+        engine.load(root)
+        cases.train(engine, range(engine.global_step, 5))
+        err = cases.rel_err(cases.full_params(engine), cases.reference(5, cases.adamw))
+        engine.close()
+    return err
+
+
+def run_all(rank: int, world_size: int, checks: list[str], root: str) -> dict[str, Any]:
+    out = {}
+    for name in checks:
+        fn = globals()[name]
+        out[name] = fn(rank, world_size, root) if "resume" in name else fn(rank, world_size)
+    return out
 
 
 @pytest.fixture(scope="module")
-def ws2() -> list[dict[str, Any]]:
-    return run_ranks(
-        run_all, 2, (["check_overlap", "check_parity_modes", "check_counters"],), timeout=300
-    )
+def root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("overlap-ckpt"))
 
 
 @pytest.fixture(scope="module")
-def ws3() -> list[dict[str, Any]]:
-    return run_ranks(run_all, 3, (["check_parity_modes", "check_counters"],), timeout=300)
+def ws2(root: str) -> list[dict[str, Any]]:
+    checks = ["check_overlap", "check_parity_modes", "check_counters", "check_resume_save"]
+    return run_ranks(run_all, 2, (checks, root), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ws3(root: str, ws2: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    checks = ["check_parity_modes", "check_counters", "check_resume_load"]
+    return run_ranks(run_all, 3, (checks, root), timeout=300)
 
 
 def same_on_every_rank(ranks: list[dict[str, Any]], check: str) -> dict[str, Any]:
@@ -297,3 +326,15 @@ def test_counters_are_exact(request: pytest.FixtureRequest, world_size: int) -> 
     else:
         assert 0 < two["cross_node_bytes"] < 2 * two["bytes"]
     assert all(c["cross_node_bytes"] == 0 for k in out if "-" in k for c in out[k]["comm"].values())
+
+
+def test_resume_across_stages_world_sizes_and_modes(ws3: list[dict[str, Any]]) -> None:
+    """Saved at world size 2, stage 2, overlap off; resumed at world size 3, stage 1, overlap on
+    with native collectives: equal to the uninterrupted single-process run."""
+    assert same_on_every_rank(ws3, "check_resume_load") < FP32_TOL  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_parity_world_size_1_overlap_off(stage: int) -> None:
+    want = cases.reference(5, cases.adamw)
+    assert cases.rel_err(cases._parity(stage, zero__overlap_comm=False), want) < FP32_TOL

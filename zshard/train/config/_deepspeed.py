@@ -280,7 +280,13 @@ def _rules() -> list[Rule]:
         ok_doc="`enabled: false`",
     )
     for name in ("pipeline", "tensor_parallel", "expert_parallel", "sequence_parallel_size"):
-        add(name, "refused", note=_NO_MP, ok_if=lambda v: v in (None, 1, {}), ok_doc="off / 1")
+        add(
+            name,
+            "refused",
+            note=_NO_MP,
+            ok_if=lambda v: v == {} or any(_same_value(v, o) for o in (None, 1)),
+            ok_doc="off / 1",
+        )
     add("use_data_before_expert_parallelism", "warn", note="MoE only; " + _NO_MP, ok=(False,))
     for name in (
         "elasticity",

@@ -451,7 +451,15 @@ class ZeroConfig(_Section):
     forward, each waited for just before the first module using it; stage 3 prefetches
     ``prefetch`` modules ahead either way. ``false``: every collective blocks where it is issued
     (stages 0-1 reduce after backward, stage 2 and 3 inside the gradient hook, stages 1-2 gather
-    at the end of the step)."""
+    at the end of the step).
+
+    ZeRO++ (stage 3 only; zero/_zeropp.py): ``quantized_weights`` (qwZ) all-gathers parameters
+    as int8 with one scale per block of ``quantization_block_size`` elements;
+    ``hpz_partition_size`` (hpZ; 1 = off) keeps a secondary copy of each gathered module over
+    that many ranks of a node, so the backward all-gather stays inside the node;
+    ``quantized_gradients`` (qgZ) reduces gradients by a hierarchical all-to-all of int8 (or,
+    with ``quantized_gradients_bits: 4``, int4) blocks. A node is ``hpz_partition_size`` ranks
+    when set, else the ranks the launcher starts together (``LOCAL_WORLD_SIZE``)."""
 
     _section: ClassVar[str] = "zero"
     stage: Literal[0, 1, 2, 3] = 0
@@ -462,9 +470,29 @@ class ZeroConfig(_Section):
     param_persistence_threshold: int = 100_000  # stage 3: smaller modules stay whole
     offload_optimizer: OffloadOptimizerConfig | None = None
     offload_param: OffloadParamConfig | None = None
+    quantized_weights: bool = False  # ZeRO++ qwZ
+    quantized_gradients: bool = False  # ZeRO++ qgZ
+    quantized_gradients_bits: Literal[8, 4] = 8
+    hpz_partition_size: int = 1  # ZeRO++ hpZ: ranks of a secondary partition (1 = off)
+    quantization_block_size: int = 2048  # elements per quantization scale (qwZ, qgZ)
 
     def _check(self) -> None:
         self._positive("reduce_bucket_size", "allgather_bucket_size")
+        self._positive("hpz_partition_size", "quantization_block_size")
+        zeropp = [
+            key
+            for key, on in (
+                ("quantized_weights", self.quantized_weights),
+                ("quantized_gradients", self.quantized_gradients),
+                ("hpz_partition_size", self.hpz_partition_size > 1),
+            )
+            if on
+        ]
+        if zeropp and self.stage != 3:
+            raise ConfigError(
+                f"zero.{zeropp[0]}: ZeRO++ needs zero.stage 3 (it changes stage 3's parameter "
+                f"gathers and gradient reduce-scatters), got stage {self.stage}"
+            )
         self._positive("prefetch", "param_persistence_threshold", allow_zero=True)
         # `device: none` means off: one representation of "off" (None) for everyone downstream.
         for name in ("offload_optimizer", "offload_param"):
@@ -565,11 +593,12 @@ class ZshardConfig(_Section):
         self._positive("grad_clip", allow_zero=True)
         if math.isnan(self.grad_clip):
             raise ConfigError("grad_clip: expected a number >= 0, got nan")
-        if self.optimizer.name == "lamb" and self.zero.offload_optimizer is not None:
+        offload = self.zero.offload_optimizer or self.zero.offload_param
+        if self.optimizer.name == "lamb" and offload is not None:
             raise ConfigError(
                 "optimizer.name: lamb needs each tensor's whole update for its trust ratio, and "
-                "zero.offload_optimizer streams the update in sub-groups; use adamw, adam or sgd "
-                "with offload, or remove zero.offload_optimizer"
+                "offload (zero.offload_optimizer / offload_param) streams the update in "
+                "sub-groups; use adamw, adam or sgd with offload, or turn offload off"
             )
 
     @property

@@ -66,6 +66,7 @@ from zshard.train.zero import (
     Member,
     ParamGather,
     Stage3,
+    ZeroPPOptions,
     buffer_groups,
     build_model,
     build_partitioned,
@@ -229,7 +230,10 @@ class Engine:
                 zero.prefetch,
                 self._offload,
                 overlap=zero.overlap_comm,
+                zeropp=ZeroPPOptions.from_config(zero),
             )
+            if self._stage3.zeropp is not None and self.rank == 0:
+                log.info("%s; %s", self._stage3.zeropp.opts.describe(), self._stage3.zeropp.info())
             self._stage3.install()
             return self._stage3
         return GradReducer(
@@ -612,6 +616,8 @@ class Engine:
             self._gather.buffer_bytes() if self._gather is not None else 0
         )
         scratch = numel_bytes(self._scratch)
+        # ZeRO++ hpZ: each gathered module's slice kept for the node's backward all-gather.
+        secondary = self._stage3.secondary_bytes() if self._stage3 is not None else 0
         return {
             "params": params,
             "grads": grads,
@@ -625,7 +631,15 @@ class Engine:
             # Allocated once at start-up, reused every step; not in the total (model states).
             "comm_buffers": comm,  # gradient-bucket and all-gather staging slots
             "update_scratch": scratch,  # the windowed optimizer update's buffer
-            "total_with_buffers": params + grads + master + optim + slots + comm + scratch,
+            "hpz_secondary": secondary,
+            "total_with_buffers": params
+            + grads
+            + master
+            + optim
+            + slots
+            + comm
+            + scratch
+            + secondary,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -646,6 +660,12 @@ class Engine:
             "comm_cross_node_bytes": sum(c["cross_node_bytes"] for c in last.values()),
             "comm_total": self.comm.counters(),
             "in_flight": self.comm.in_flight,
+            # ZeRO++ (stage 3): node size, nodes and options in effect; None when off.
+            "zeropp": (
+                self._stage3.zeropp.info()
+                if self._stage3 is not None and self._stage3.zeropp is not None
+                else None
+            ),
         }
 
     def state_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
@@ -755,6 +775,7 @@ class Engine:
         ``save_dir`` on rank 0 (None elsewhere). See :mod:`zshard.train.engine._export`."""
         from zshard.train.engine._export import save_16bit_model
 
+        self.synchronize()  # stages 1-2: the parameter all-gathers of the last step
         return save_16bit_model(
             self,
             save_dir,

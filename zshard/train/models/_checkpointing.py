@@ -123,19 +123,25 @@ def _hf(model: Any, spec: ActivationCheckpointing) -> list[str]:
         raise ConfigError(
             f"{_KEY}: {e}; name the block classes instead: {{blocks: [...]}}"
         ) from None
-    layers = [
-        (n, m)
-        for n, m in model.named_modules()
-        if m is not model and getattr(m, "gradient_checkpointing", False) is True
+    flagged = [
+        (n, m) for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)
     ]
-    names = [n for n, _ in layers]
+    # The repeated layers (transformers >= 4.48: GradientCheckpointingLayer), not the models
+    # around them, which older versions flag to checkpoint every layer from their own loop.
+    layers = [(n, m) for n, m in flagged if not hasattr(m, "supports_gradient_checkpointing")]
+    names = [n for n, _ in layers] or ["<every layer>"]
     if spec.number_checkpoints is not None:
+        if not layers:
+            raise ConfigError(
+                f"{_KEY}.number_checkpoints: this transformers version checkpoints every layer "
+                "of the model at once; name the layer class instead: {blocks: [LlamaDecoderLayer]}"
+            )
         for _, m in layers[spec.number_checkpoints :]:
             m.gradient_checkpointing = False
         names = names[: spec.number_checkpoints]
     if spec.cpu_checkpointing:
         fn = functools.partial(_host_checkpoint, **kwargs)
-        for _, m in layers:
+        for _, m in flagged:
             m._gradient_checkpointing_func = fn
     return names
 

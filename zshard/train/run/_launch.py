@@ -231,9 +231,9 @@ def _ended_by_signal(
             file=sys.stderr,
         )
         return 128 + signum
-    if code < 0 and not os.path.exists(os.path.join(error_dir, "rank-0.json")):
+    if code < 0:
         # The agent itself was killed (a second signal sent to it, the OOM killer): its workers
-        # died with it (PR_SET_PDEATHSIG), leaving no error of their own.
+        # died with it (PR_SET_PDEATHSIG). torch's agent ends a failed worker group with exit 1.
         name = signal_name(-code)
         print(
             f"zshard: error: the elastic agent (torch.distributed.run) was killed by {name}; "

@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
@@ -44,7 +44,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 Mode = Literal["allreduce", "native", "local"]
-KINDS = ("all_reduce", "reduce_scatter", "all_gather", "reduce", "broadcast")
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "reduce", "broadcast", "all_to_all")
 # Environment override of the backend's choice, for tests and experiments: allreduce | native.
 MODE_ENV = "ZSHARD_COLLECTIVES"
 
@@ -392,6 +392,44 @@ class Comm:
             self._count_broadcast(piece, owner)
             works.append(dist.broadcast(piece, src=owner, group=self.group, async_op=async_op))
         return self._finish("broadcast", works, async_op)
+
+    def all_to_all(
+        self, out: torch.Tensor, inp: torch.Tensor, *, async_op: bool = False
+    ) -> Handle:
+        """``out`` (N*k,) <- chunk ``rank`` of every rank's ``inp`` (N*k,), in rank order (ZeRO++'s
+        qgZ). Native on every backend (gloo included). Counted at the sender: ``bytes`` is
+        ``inp``, ``cross_node_bytes`` its chunks for ranks on other nodes."""
+        if not self.distributed:
+            out.copy_(inp)
+            return _done("all_to_all")
+        self._count("all_to_all", _nbytes(inp), self._spread(_nbytes(inp)))
+        work = dist.all_to_all_single(out, inp, group=self.group, async_op=async_op)
+        return self._finish("all_to_all", [work], async_op)
+
+    def subgroup(self, ranks: Sequence[int]) -> Comm | None:
+        """A Comm over the global ``ranks`` of this (default) group, or None on a rank outside
+        them. Collective: every rank calls it with the same ranks, in the same order. It shares
+        this Comm's counters, and its cross-node shares follow this Comm's nodes."""
+        members = list(ranks)
+        group = None
+        if self.distributed and len(members) > 1:
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+            group = dist.new_group(members, timeout=timeout)
+        if self.rank not in members:
+            return None
+        sub = Comm(
+            group,
+            members.index(self.rank),
+            len(members),
+            owns_group=False,
+            timeout_s=self.timeout_s,
+            backend=self.backend,
+            local_world_size=len(members),
+        )
+        sub._node_of = [self._node_of[r] for r in members]
+        sub._remote = sum(1 for n in sub._node_of if n != self._node_of[self.rank])
+        sub._counts = self._counts
+        return sub
 
     def barrier(self) -> None:
         if self.distributed:

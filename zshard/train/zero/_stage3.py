@@ -49,6 +49,7 @@ from torch.utils.hooks import RemovableHandle
 from zshard.train.zero._comm import Comm, Handle, Work
 from zshard.train.zero._flat import FlatParamGroup, Member
 from zshard.train.zero._slots import STAGE3_SLOTS, SlotPool
+from zshard.train.zero._zeropp import ZeroPP, ZeroPPOptions
 
 _FWD, _BWD = "fwd", "bwd"
 
@@ -91,6 +92,7 @@ class Stage3:
         params: ParamSource | None = None,
         *,
         overlap: bool = True,
+        zeropp: ZeroPPOptions | None = None,
     ) -> None:
         self.groups = list(groups)
         self.params = params
@@ -135,6 +137,12 @@ class Stage3:
             self._slots = SlotPool(count, full, device)
             if not comm.reduce_scatter_in_place:  # slot i of both is used together
                 self._parts = SlotPool(count, part, device)
+        # ZeRO++ (qwZ, hpZ, qgZ): training gathers and gradient reductions go through it.
+        self.zeropp: ZeroPP | None = None
+        if zeropp is not None and zeropp.enabled and comm.distributed:
+            self.zeropp = ZeroPP(
+                comm, self.groups, zeropp, device, prefetch=prefetch, slots=STAGE3_SLOTS
+            )
         self._reset_pending()
 
     def install(self) -> None:
@@ -148,7 +156,12 @@ class Stage3:
         self._handles.clear()
 
     def buffer_bytes(self) -> int:
-        return sum(p.nbytes for p in (self._slots, self._parts) if p is not None)
+        own = sum(p.nbytes for p in (self._slots, self._parts) if p is not None)
+        return own + (self.zeropp.buffer_bytes() if self.zeropp is not None else 0)
+
+    def secondary_bytes(self) -> int:
+        """ZeRO++ hpZ's secondary partitions (0 without hpZ)."""
+        return self.zeropp.secondary_bytes() if self.zeropp is not None else 0
 
     @property
     def pending(self) -> int:
@@ -169,7 +182,9 @@ class Stage3:
                 storage.resize_(need)
         return full
 
-    def _start_gather(self, g: FlatParamGroup) -> torch.Tensor:
+    def _start_gather(self, g: FlatParamGroup, *, training: bool = False) -> torch.Tensor:
+        """Start gathering ``g``. ``training`` (the hooks' gathers) lets ZeRO++ quantize it or
+        gather it inside the node; any other gather is exact."""
         if g.name in self.offloaded:
             assert self.params is not None
             part = self.params.fetch(g)
@@ -177,7 +192,11 @@ class Stage3:
             assert g.param_part is not None
             part = g.param_part
         buf = self._full_buffer(g)
-        self._inflight[g.name] = (buf, self.comm.all_gather(buf, part, async_op=True), part)
+        if training and self.zeropp is not None:
+            work: Work = self.zeropp.start_gather(g, part, buf)
+        else:
+            work = self.comm.all_gather(buf, part, async_op=True)
+        self._inflight[g.name] = (buf, work, part)
         return buf
 
     def _gathered(self, g: FlatParamGroup, part: torch.Tensor) -> None:
@@ -185,12 +204,12 @@ class Stage3:
             assert self.params is not None
             self.params.done(g, part)
 
-    def gather(self, g: FlatParamGroup) -> None:
+    def gather(self, g: FlatParamGroup, *, training: bool = False) -> None:
         """Make ``g``'s parameters whole (waiting for a prefetch if one is in flight)."""
         if g.flat is not None:
             return
         if g.name not in self._inflight:
-            self._start_gather(g)
+            self._start_gather(g, training=training)
         buf, work, part = self._inflight.pop(g.name)
         work.wait()
         self._gathered(g, part)
@@ -200,9 +219,20 @@ class Stage3:
         if g.persistent or self.hold_all or g.fwd_active > 0 or g.bwd_hold or g.flat is None:
             return
         g.detach()
-        full = self._full.get(g.name)
-        if full is not None:
-            full.untyped_storage().resize_(0)  # saved views of it are refilled by the next gather
+        self._free(g.name)
+
+    def _free(self, name: str) -> None:
+        """Release a group's full storage in place (saved views of it are refilled by the next
+        gather). A storage shared with numpy (an export of the values) cannot be resized: it is
+        dropped instead, and the next gather allocates a new one."""
+        full = self._full.get(name)
+        if full is None:
+            return
+        storage = full.untyped_storage()
+        if storage.resizable():
+            storage.resize_(0)
+        else:
+            del self._full[name]
 
     def release_all(self) -> None:
         """Wait for prefetches and release every group nothing holds (after an eval forward)."""
@@ -210,17 +240,19 @@ class Stage3:
             work.wait()
             self._gathered(self._by_name[name], part)
             if self._by_name[name].flat is None:
-                buf.untyped_storage().resize_(0)
+                self._free(name)
         self._inflight.clear()
         for g in self.groups:
             g.fwd_active, g.bwd_hold = 0, False
             self.maybe_release(g)
         self._cursor = {_FWD: 0, _BWD: 0}
+        if self.zeropp is not None:
+            self.zeropp.invalidate()  # hpZ's secondary partitions last one micro step
 
     def _use(self, g: FlatParamGroup, phase: str) -> None:
         if self._trace is not None:
             self._trace[phase].append(g)
-        self.gather(g)
+        self.gather(g, training=True)
         # Where this use is in the recorded sequence: the next occurrence of g from the cursor
         # (so the second use of a tied group prefetches what follows *it*, not its first use).
         order, c = self._uses[phase], self._cursor[phase]
@@ -234,7 +266,7 @@ class Stage3:
                     self.params.prefetch(nxt)
         for nxt in order[i + 1 : i + 1 + self.prefetch]:
             if nxt.flat is None and nxt.name not in self._inflight:
-                self._start_gather(nxt)
+                self._start_gather(nxt, training=True)
 
     def after_step(self) -> None:
         """The optimizer wrote new partitions: start reading the next forward's first groups."""
@@ -324,9 +356,14 @@ class Stage3:
                 grad_part.add_(part)
                 slots.give(i)
 
-            self._reductions.append(
-                self.comm.reduce_scatter(part, full, async_op=True).then(finish)
-            )
+            if self.zeropp is not None and self.zeropp.reduces:  # qgZ: straight into grad
+                self._reductions.append(
+                    self.zeropp.start_reduce(full, grad_part).then(lambda: slots.give(i))
+                )
+            else:
+                self._reductions.append(
+                    self.comm.reduce_scatter(part, full, async_op=True).then(finish)
+                )
             if not self.overlap:
                 self.wait()
         self._reduced.add(g.name)
