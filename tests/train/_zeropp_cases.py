@@ -165,7 +165,12 @@ def train_variants(
             "seconds": time.perf_counter() - t0,
             "stats": engine.stats(),
             "memory": engine.memory_report(),
-            "master": {k: v.clone() for k, v in state.items() if k[1] in ("master", "param")},
+            # numpy: torch tensors would travel through shared memory that dies with the rank
+            "master": {
+                f"{g}/{kind}": t.detach().float().numpy().copy()
+                for (g, kind), t in state.items()
+                if kind in ("master", "param")
+            },
         }
         engine.close()
     return out

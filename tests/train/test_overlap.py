@@ -102,7 +102,9 @@ def _one_run(stage: int, overlap: bool, rank: int, world_size: int, gate: Gate) 
     engine.step()
     gate.release()
     out["waits_in_step"] = gate.waits_while_held
-    out["in_flight_after_step"] = engine.comm.in_flight  # stages 1-2: the all-gathers
+    out["in_flight_after_step"] = engine.comm.in_flight
+    gather = engine._gather
+    out["gathers_armed"] = gather.pending if gather is not None else 0
     seen: list[int] = []
     hook = engine.module.emb.register_forward_pre_hook(
         lambda m, a: seen.append(engine.comm.in_flight)  # after the engine's own pre-hook
@@ -268,14 +270,16 @@ def test_backward_returns_before_reductions_complete(ws2: list[dict[str, Any]], 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_parameter_gather_overlaps_forward(ws2: list[dict[str, Any]], stage: int) -> None:
-    """Stages 1-2: the all-gathers of updated partitions are in flight after step() and the
-    first modules run while later buckets are still in flight; without overlap, none is."""
+    """Stages 1-2: step() arms the all-gathers of the updated partitions, the next forward
+    starts them, and its first modules run while later buckets are still in flight; without
+    overlap, step() completes them."""
     out = same_on_every_rank(ws2, "check_overlap")
     on, off = out[f"{stage}-True"], out[f"{stage}-False"]
-    assert on["in_flight_after_step"] > 1
-    assert 0 < on["in_flight_at_first_block"] < on["in_flight_after_step"]
+    assert on["gathers_armed"] > 1 and on["in_flight_after_step"] == 0
+    assert 0 < on["in_flight_at_first_block"] < on["gathers_armed"]
     assert on["in_flight_after_forward"] == 0  # every bucket waited for by its module
-    assert off["in_flight_after_step"] == off["in_flight_at_first_block"] == 0
+    assert off["gathers_armed"] == off["in_flight_after_step"] == 0
+    assert off["in_flight_at_first_block"] == 0
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

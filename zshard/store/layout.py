@@ -125,6 +125,25 @@ def plan_partition(numel: int, world_size: int, target_chunk: int | None = None)
     return n_chunks * chunk, chunk
 
 
+def plan_shard(
+    partitions: Sequence[tuple[str, int]], target_chunk: int | None = None
+) -> tuple[int, int, list[tuple[str, int]]]:
+    """Lay the partitions of several flat groups end to end in one shard (format 2).
+
+    ``partitions`` are ``(group, partition_numel)`` in shard order. Returns ``(shard_numel,
+    chunk_numel, [(group, base)])``: the shard is chunked like one partition of the summed size
+    (``plan_partition``), so padding stays below one element per chunk, whatever the number of
+    groups.
+    """
+    bases: list[tuple[str, int]] = []
+    pos = 0
+    for name, numel in partitions:
+        bases.append((name, pos))
+        pos += numel
+    shard, chunk = plan_partition(pos, 1, target_chunk)
+    return shard, chunk, bases
+
+
 def cut(group: FlatGroup, offset: int, start: int, length: int) -> list[Fragment]:
     """Cut the group range ``[offset, offset + length)`` holding tensor elements from ``start``
     at partition boundaries."""

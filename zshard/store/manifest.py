@@ -9,6 +9,12 @@ where the checksum is crc32c over the exact bytes of ``<body>``. Per-rank state 
 (``ranks/rank-NNNNN.json``) use the same framing with the key ``state`` (:func:`frame_json`).
 Parsing validates every field's type and every fragment against the layout, so a manifest that
 lies (shapes, offsets, lengths, dtypes) is rejected before any data is read.
+
+Two format versions are read (docs/format.md). Version 2 (written now) stores all flat groups of
+one (state kind, dtype) in one zarr array: each rank's shard holds its partition of every such
+group end to end, at the recorded ``base`` of each group (a :class:`StoredArray`), so the number
+of files a rank writes does not grow with the number of groups. Version 1 stored one array per
+(flat group, state kind); it is read as the special case of one group per stored array.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +30,18 @@ import crc32c
 
 from zshard.errors import CorruptDataError, FormatVersionError, ManifestError
 from zshard.store import dtypes
-from zshard.store.layout import FlatGroup, Fragment, Layout, coverage_errors, placement_errors
+from zshard.store.layout import (
+    FlatGroup,
+    Fragment,
+    Layout,
+    coverage_errors,
+    placement_errors,
+    plan_shard,
+)
 
 FORMAT_NAME = "zshard.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this zshard writes
+READABLE_VERSIONS = (1, 2)
 MANIFEST_KEY = "manifest.json"
 _PREFIX = b'{"crc32c":"'
 # Group names and state kinds become path components: keep them to a safe alphabet.
@@ -104,15 +118,87 @@ def check_identifier(value: str, what: str, where: str = "") -> str:
 
 @dataclass(frozen=True)
 class ArrayEntry:
-    """One zarr array: a flat group's buffer for one state kind."""
+    """A flat group's buffer for one state kind (logical: where it is stored is a
+    :class:`StoredArray`'s business, see :meth:`Manifest.locate`)."""
 
     group: str
     kind: str
     dtype: str  # logical dtype name
 
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One zarr array on disk: state kind ``kind`` in logical dtype ``dtype`` of the flat groups
+    in ``segments``. Rank ``r``'s shard holds ``shard_numel`` elements in chunks of
+    ``chunk_numel``; group ``g``'s rank-``r`` partition lies at element ``base`` of it, for each
+    ``(g, base)`` of ``segments``. Format 1 had one group per array, at base 0
+    (``version=1``), under another path."""
+
+    kind: str
+    dtype: str
+    chunk_numel: int
+    shard_numel: int
+    segments: tuple[tuple[str, int], ...]  # (group, base)
+    version: int = FORMAT_VERSION
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.dtype}" if self.version >= 2 else self.segments[0][0]
+
     @property
     def path(self) -> str:
-        return f"data/{self.group}/{self.kind}"
+        """The array's directory in the step directory (derived from names, never read)."""
+        if self.version >= 2:
+            return f"data/{self.kind}.{self.dtype}"
+        return f"data/{self.segments[0][0]}/{self.kind}"
+
+    @property
+    def key_separator(self) -> str:
+        """zarr's chunk key separator: shard keys are ``c.<rank>`` (2) or ``c/<rank>`` (1)."""
+        return "." if self.version >= 2 else "/"
+
+    def shard_key(self, rank: int) -> str:
+        return f"{self.path}/c{self.key_separator}{rank}"
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_numel // self.chunk_numel
+
+    def base(self, group: str) -> int:
+        for g, b in self.segments:
+            if g == group:
+                return b
+        raise KeyError(group)
+
+
+def plan_stored(layout: Layout, arrays: Sequence[ArrayEntry]) -> list[StoredArray]:
+    """Format 2: one stored array per (state kind, dtype), in order of first appearance in
+    ``arrays``; its groups in layout order, end to end (``layout.plan_shard``)."""
+    order = {g.name: i for i, g in enumerate(layout.groups)}
+    by_key: dict[tuple[str, str], list[str]] = {}
+    for a in arrays:
+        by_key.setdefault((a.kind, a.dtype), []).append(a.group)
+    out = []
+    for (kind, dt), groups in by_key.items():
+        groups.sort(key=lambda g: order.get(g, len(order)))
+        parts = [(g, layout.group(g).partition_numel if g in order else 1) for g in groups]
+        shard, chunk, bases = plan_shard(parts)
+        out.append(StoredArray(kind, dt, chunk, shard, tuple(bases)))
+    return out
+
+
+def v1_stored(layout: Layout, arrays: Sequence[ArrayEntry]) -> list[StoredArray]:
+    """Format 1's arrays: one per (flat group, state kind), the group's own chunking."""
+    groups = {g.name: g for g in layout.groups}
+    out = []
+    for a in arrays:
+        g = groups.get(a.group)
+        if g is None:  # reported by Manifest.errors()
+            continue
+        out.append(
+            StoredArray(a.kind, a.dtype, g.chunk_numel, g.partition_numel, ((a.group, 0),), 1)
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -128,6 +214,10 @@ class TensorEntry(dtypes.Shaped):
 
 @dataclass
 class Manifest:
+    """What a checkpoint holds. ``arrays`` are the logical (group, kind) buffers; ``stored``
+    the zarr arrays that hold them (computed from ``arrays`` when not given: format 2 packing,
+    or format 1's one array per buffer when ``format_version`` is 1)."""
+
     step: int
     layout: Layout
     arrays: list[ArrayEntry]
@@ -137,12 +227,43 @@ class Manifest:
     rank_state: int = 0  # number of per-rank state files (0 or the world size)
     created: str = ""
     zshard_version: str = ""
+    format_version: int = FORMAT_VERSION
+    stored: list[StoredArray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.format_version >= 2:
+            # Format 2 chunks the stored arrays; a group is recorded by its partition alone.
+            lay = self.layout
+            if any(g.chunk_numel != g.partition_numel for g in lay.groups):
+                self.layout = Layout(
+                    lay.world_size,
+                    lay.stage,
+                    tuple(FlatGroup(g.name, g.partition_numel, g.partition_numel) for g in lay.groups),
+                )
+        if not self.stored:
+            plan = v1_stored if self.format_version == 1 else plan_stored
+            try:
+                self.stored = plan(self.layout, self.arrays)
+            except ValueError:
+                self.stored = []  # an impossible plan: errors() says why
+        self._where: dict[tuple[str, str], tuple[StoredArray, int]] = {}
 
     def array(self, group: str, kind: str) -> ArrayEntry:
         for a in self.arrays:
             if a.group == group and a.kind == kind:
                 return a
         raise KeyError((group, kind))
+
+    def locate(self, group: str, kind: str) -> tuple[StoredArray, int]:
+        """The stored array holding ``group``'s ``kind``, and the group's base in each shard."""
+        if not self._where:
+            for s in self.stored:
+                for g, base in s.segments:
+                    self._where.setdefault((g, s.kind), (s, base))
+        try:
+            return self._where[(group, kind)]
+        except KeyError:
+            raise KeyError((group, kind)) from None
 
     def tensor(self, name: str, kind: str) -> TensorEntry:
         for t in self.tensors:
@@ -156,25 +277,39 @@ class Manifest:
     # -- serialisation -------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
+        v1 = self.format_version == 1
+        groups: list[dict[str, Any]] = [
+            {"name": g.name, "partition_numel": g.partition_numel} for g in self.layout.groups
+        ]
+        if v1:
+            for d, g in zip(groups, self.layout.groups):
+                d["chunk_numel"] = g.chunk_numel
+            arrays: list[dict[str, Any]] = [
+                {"group": a.group, "kind": a.kind, "dtype": a.dtype} for a in self.arrays
+            ]
+        else:
+            arrays = [
+                {
+                    "kind": s.kind,
+                    "dtype": s.dtype,
+                    "shard_numel": s.shard_numel,
+                    "chunk_numel": s.chunk_numel,
+                    "groups": [[g, base] for g, base in s.segments],
+                }
+                for s in self.stored
+            ]
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "zshard_version": self.zshard_version,
             "created": self.created,
             "step": self.step,
             "layout": {
                 "world_size": self.layout.world_size,
                 "stage": self.layout.stage,
-                "groups": [
-                    {
-                        "name": g.name,
-                        "partition_numel": g.partition_numel,
-                        "chunk_numel": g.chunk_numel,
-                    }
-                    for g in self.layout.groups
-                ],
+                "groups": groups,
             },
-            "arrays": [{"group": a.group, "kind": a.kind, "dtype": a.dtype} for a in self.arrays],
+            "arrays": arrays,
             "tensors": [
                 {
                     "name": t.name,
@@ -232,29 +367,47 @@ class Manifest:
                 f"{where}: format version {version} is newer than this zshard reads "
                 f"({FORMAT_VERSION}); upgrade zshard"
             )
+        v1 = version == 1
         lay = p.mapping(p.get(obj, "layout", dict), "layout")
         groups = []
         for g in p.get(lay, "groups", list):
             g = p.mapping(g, "layout.groups[]")
             name = check_identifier(p.get(g, "name", str), "group name", where)
+            partition = p.count(g, "partition_numel")
+            # Format 2 chunks stored arrays, not groups: a group is one "chunk" of its own.
+            chunk = p.count(g, "chunk_numel") if v1 else partition
             try:
-                groups.append(
-                    FlatGroup(name, p.count(g, "partition_numel"), p.count(g, "chunk_numel"))
-                )
+                groups.append(FlatGroup(name, partition, chunk))
             except ValueError as e:
                 raise ManifestError(f"{where}: {e}") from None
         try:
             layout = Layout(p.get(lay, "world_size", int), p.get(lay, "stage", int), tuple(groups))
         except ValueError as e:
             raise ManifestError(f"{where}: layout: {e}") from None
-        arrays = []
+        arrays: list[ArrayEntry] = []
+        stored: list[StoredArray] = []
         for a in p.get(obj, "arrays", list):
             a = p.mapping(a, "arrays[]")
-            arrays.append(
-                ArrayEntry(
-                    check_identifier(p.get(a, "group", str), "group name", where),
-                    check_identifier(p.get(a, "kind", str), "state kind", where),
-                    p.dtype(p.get(a, "dtype", str)),
+            kind = check_identifier(p.get(a, "kind", str), "state kind", where)
+            dt = p.dtype(p.get(a, "dtype", str))
+            if v1:
+                group = check_identifier(p.get(a, "group", str), "group name", where)
+                arrays.append(ArrayEntry(group, kind, dt))
+                continue
+            segments = []
+            for seg in p.get(a, "groups", list):
+                if not isinstance(seg, list) or len(seg) != 2 or not isinstance(seg[0], str):
+                    raise ManifestError(f"{where}: array {kind}.{dt}: malformed group {seg!r}")
+                group = check_identifier(seg[0], "group name", where)
+                segments.append((group, p.count(seg[1], f"base of group {group!r}", raw=True)))
+                arrays.append(ArrayEntry(group, kind, dt))
+            stored.append(
+                StoredArray(
+                    kind,
+                    dt,
+                    p.count(a, "chunk_numel"),
+                    p.count(a, "shard_numel"),
+                    tuple(segments),
                 )
             )
         tensors = []
@@ -292,6 +445,8 @@ class Manifest:
             rank_state=p.count(obj, "rank_state"),
             created=p.get(obj, "created", str),
             zshard_version=p.get(obj, "zshard_version", str),
+            format_version=version,
+            stored=stored,
         )
 
     # -- consistency ---------------------------------------------------------------------------
@@ -313,13 +468,15 @@ class Manifest:
                 errs.append(err)
         arrays: dict[tuple[str, str], ArrayEntry] = {}
         for entry in self.arrays:
+            label = f"array {entry.group}/{entry.kind}"
             if err := identifier_error(entry.kind, "state kind"):
                 errs.append(err)
             if entry.group not in groups:
-                errs.append(f"array {entry.path} names unknown group {entry.group!r}")
+                errs.append(f"{label} names unknown group {entry.group!r}")
             if (entry.group, entry.kind) in arrays:
-                errs.append(f"array {entry.path} is listed twice")
+                errs.append(f"{label} is listed twice")
             arrays[(entry.group, entry.kind)] = entry
+        errs += self._stored_errors(groups, arrays)
         seen: set[tuple[str, str]] = set()
         used: dict[tuple[str, str], list[tuple[int, int, str]]] = defaultdict(list)
         for t in self.tensors:
@@ -338,7 +495,10 @@ class Manifest:
                     errs.append(f"{label}: no array for group {f.group!r} and kind {t.kind!r}")
                     continue
                 if a.dtype != t.dtype:
-                    errs.append(f"{label}: dtype {t.dtype} differs from array {a.path}'s {a.dtype}")
+                    errs.append(
+                        f"{label}: dtype {t.dtype} differs from array {a.group}/{a.kind}'s "
+                        f"{a.dtype}"
+                    )
                 errs += [f"{label}: {e}" for e in placement_errors(f, g, lay.world_size)]
                 used[(f.group, t.kind)].append((f.offset, f.offset + f.length, t.name))
         for (group, kind), spans in used.items():
@@ -346,7 +506,7 @@ class Manifest:
             for (_, hi, first), (lo, _, second) in zip(spans, spans[1:]):
                 if lo < hi:
                     errs.append(
-                        f"tensors {first!r} and {second!r} overlap in array data/{group}/{kind}"
+                        f"tensors {first!r} and {second!r} overlap in array {group}/{kind}"
                     )
         names = {t.name for t in self.tensors}
         for alias, target in self.ties.items():
@@ -356,6 +516,59 @@ class Manifest:
                 errs.append(f"tie {alias!r} -> {target!r}: the target is not stored")
         if self.rank_state not in (0, lay.world_size):
             errs.append(f"rank_state={self.rank_state} must be 0 or the world size")
+        return errs
+
+    def _stored_errors(
+        self, groups: Mapping[str, FlatGroup], arrays: Mapping[tuple[str, str], ArrayEntry]
+    ) -> list[str]:
+        """Every logical buffer in exactly one stored array of its dtype, every segment inside
+        its shard, segments never overlapping, chunks dividing shards."""
+        errs: list[str] = []
+        if self.format_version not in READABLE_VERSIONS:
+            errs.append(f"format_version {self.format_version} is not one zshard writes")
+        names: set[tuple[str, str]] = set()
+        placed: set[tuple[str, str]] = set()
+        for s in self.stored:
+            label = f"array {s.kind}.{s.dtype}"
+            if s.dtype not in dtypes.DTYPES:
+                errs.append(f"{label}: unknown dtype")
+            if (s.kind, s.dtype) in names and s.version >= 2:
+                errs.append(f"{label} is listed twice")
+            names.add((s.kind, s.dtype))
+            if s.chunk_numel < 1 or s.shard_numel < 1 or s.shard_numel % s.chunk_numel:
+                errs.append(
+                    f"{label}: chunk_numel={s.chunk_numel} does not divide "
+                    f"shard_numel={s.shard_numel}"
+                )
+            if s.shard_numel > _MAX_ELEMENTS:
+                errs.append(f"{label}: implausible shard_numel {s.shard_numel}")
+            if not s.segments:
+                errs.append(f"{label} holds no group")
+            spans = []
+            for g, base in s.segments:
+                group = groups.get(g)
+                a = arrays.get((g, s.kind))
+                if group is None:
+                    errs.append(f"{label} names unknown group {g!r}")
+                    continue
+                if a is None or a.dtype != s.dtype:
+                    errs.append(f"{label}: group {g!r} has no {s.kind} buffer of this dtype")
+                if (g, s.kind) in placed:
+                    errs.append(f"{label}: group {g!r} of kind {s.kind} is stored twice")
+                placed.add((g, s.kind))
+                if base + group.partition_numel > s.shard_numel:
+                    errs.append(
+                        f"{label}: group {g!r} at [{base}, {base + group.partition_numel}) "
+                        f"lies outside the shard's {s.shard_numel} elements"
+                    )
+                spans.append((base, base + group.partition_numel, g))
+            spans.sort()
+            for (_, hi, first), (lo, _, second) in zip(spans, spans[1:]):
+                if lo < hi:
+                    errs.append(f"{label}: groups {first!r} and {second!r} overlap")
+        for key in arrays:
+            if key not in placed:
+                errs.append(f"array {key[0]}/{key[1]} is not stored in any array")
         return errs
 
 

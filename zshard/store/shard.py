@@ -1,20 +1,31 @@
 """Shards in zarr v3's ``sharding_indexed`` format, written as a stream and read back verified.
 
-A shard holds one partition: ``n`` chunks of ``chunk_numel`` elements. Byte layout (all
+A shard holds ``n`` chunks of ``chunk_numel`` elements (a :class:`Geometry`): one partition in
+format 1, the partitions of several flat groups end to end in format 2. Byte layout (all
 little-endian), identical to what zarr writes for codecs ``[bytes, crc32c]`` with
 ``index_location: "start"``::
 
     index:  n x (offset: u64, nbytes: u64), then crc32c(index): u32
     chunk i: chunk_numel * itemsize bytes, then crc32c(chunk): u32
 
-Chunks are uncompressed, so every offset is known before any data: the index is written first
-and the shard is streamed chunk by chunk with one chunk of memory. zarr can open the arrays;
-zshard additionally requires the index to be exactly this canonical one.
+Chunks are uncompressed, so every offset is known before any data: the index is written first.
+
+Checkpoints are written by :class:`PackedShardWriter`: every piece goes from the caller's memory
+straight to its place in the shard (never copied to fill a chunk), while the crc32c of large
+pieces is computed on a worker thread at the same time (``crc32c`` releases the GIL for large
+buffers), its 4 bytes written once known. The v1 stream writers (:class:`ChunkWriter`,
+:class:`ShardWriter`) remain for offload swap files. zarr can open the arrays; zshard
+additionally requires the index to be exactly this canonical one.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import json
+import os
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c
@@ -27,6 +38,7 @@ from zshard.store.storage import (
     FsspecStorage,
     LocalStorage,
     LocalStream,
+    PositionalWriter,
     Storage,
     StreamWriter,
     publish,
@@ -35,6 +47,47 @@ from zshard.store.storage import (
 
 CRC_NBYTES = 4
 INDEX_ENTRY_NBYTES = 16
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The byte layout of one shard: ``shard_numel`` elements of ``itemsize`` bytes in chunks
+    of ``chunk_numel``, each followed by its crc32c, after the index."""
+
+    shard_numel: int
+    chunk_numel: int
+    itemsize: int
+
+    @property
+    def n_chunks(self) -> int:
+        return self.shard_numel // self.chunk_numel
+
+    @property
+    def chunk_data_nbytes(self) -> int:
+        return self.chunk_numel * self.itemsize
+
+    @property
+    def chunk_nbytes(self) -> int:
+        """A chunk's bytes and its crc32c: the stride of chunks in the shard."""
+        return self.chunk_numel * self.itemsize + CRC_NBYTES
+
+    @property
+    def index_nbytes(self) -> int:
+        return index_nbytes(self.n_chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return self.index_nbytes + self.n_chunks * self.chunk_nbytes
+
+    def chunk_offset(self, i: int) -> int:
+        return self.index_nbytes + i * self.chunk_nbytes
+
+
+def geometry(group: FlatGroup | Geometry, dt: DType) -> Geometry:
+    """A format-1 partition's geometry (a group's own chunking), or ``group`` itself."""
+    if isinstance(group, Geometry):
+        return group
+    return Geometry(group.partition_numel, group.chunk_numel, dt.itemsize)
 
 
 def as_bytes(a: np.ndarray) -> memoryview:
@@ -50,45 +103,49 @@ def index_nbytes(n_chunks: int) -> int:
     return n_chunks * INDEX_ENTRY_NBYTES + CRC_NBYTES
 
 
-def chunk_nbytes(group: FlatGroup, dt: DType) -> int:
-    return group.chunk_numel * dt.itemsize + CRC_NBYTES
+def chunk_nbytes(group: FlatGroup | Geometry, dt: DType) -> int:
+    return geometry(group, dt).chunk_nbytes
 
 
-def shard_nbytes(group: FlatGroup, dt: DType) -> int:
-    n = group.chunks_per_shard
-    return index_nbytes(n) + n * chunk_nbytes(group, dt)
+def shard_nbytes(group: FlatGroup | Geometry, dt: DType) -> int:
+    return geometry(group, dt).nbytes
 
 
-def encode_index(group: FlatGroup, dt: DType) -> bytes:
-    n = group.chunks_per_shard
-    size = chunk_nbytes(group, dt)
+def encode_index(group: FlatGroup | Geometry, dt: DType) -> bytes:
+    geo = geometry(group, dt)
+    n = geo.n_chunks
     entries = np.empty((n, 2), dtype="<u8")
-    entries[:, 0] = index_nbytes(n) + np.arange(n, dtype=np.uint64) * size
-    entries[:, 1] = size
+    entries[:, 0] = index_nbytes(n) + np.arange(n, dtype=np.uint64) * geo.chunk_nbytes
+    entries[:, 1] = geo.chunk_nbytes
     body = entries.tobytes()
     return body + np.uint32(crc(body)).tobytes()
 
 
-def array_metadata(group: FlatGroup, world_size: int, dt: DType) -> dict[str, Any]:
-    """The zarr v3 ``zarr.json`` of one (flat group, state kind) array."""
+def array_metadata(
+    group: FlatGroup | Geometry, world_size: int, dt: DType, separator: str = "/"
+) -> dict[str, Any]:
+    """The zarr v3 ``zarr.json`` of one stored array: ``world_size`` shards of ``group``'s
+    geometry (format 1: one (flat group, kind) partition per shard, keys ``c/<rank>``; format 2:
+    a stored array's packed shards, keys ``c.<rank>``)."""
+    geo = geometry(group, dt)
     fill: bool | float | int = False if dt.storage == "bool" else 0
     checked = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
     return {
         "zarr_format": 3,
         "node_type": "array",
-        "shape": [group.partition_numel * world_size],
+        "shape": [geo.shard_numel * world_size],
         "data_type": dt.storage,
         "chunk_grid": {
             "name": "regular",
-            "configuration": {"chunk_shape": [group.partition_numel]},
+            "configuration": {"chunk_shape": [geo.shard_numel]},
         },
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": separator}},
         "fill_value": fill,
         "codecs": [
             {
                 "name": "sharding_indexed",
                 "configuration": {
-                    "chunk_shape": [group.chunk_numel],
+                    "chunk_shape": [geo.chunk_numel],
                     "codecs": checked,
                     "index_codecs": checked,
                     "index_location": "start",
@@ -100,8 +157,10 @@ def array_metadata(group: FlatGroup, world_size: int, dt: DType) -> dict[str, An
     }
 
 
-def array_metadata_bytes(group: FlatGroup, world_size: int, dt: DType) -> bytes:
-    return json.dumps(array_metadata(group, world_size, dt), indent=2).encode()
+def array_metadata_bytes(
+    group: FlatGroup | Geometry, world_size: int, dt: DType, separator: str = "/"
+) -> bytes:
+    return json.dumps(array_metadata(group, world_size, dt, separator), indent=2).encode()
 
 
 def shard_key(array_path: str, rank: int) -> str:
@@ -198,7 +257,155 @@ class ShardWriter(ChunkWriter):
         self._stream.abort()
 
 
-def check_index(raw: bytes, group: FlatGroup, dt: DType, where: str) -> None:
+# -- format 2: positional writes, crc32c off the write path ---------------------------------------
+
+# Pieces of at least this many bytes have their crc32c computed on the crc thread while the bytes
+# are written; smaller ones inline (a hand-over costs more than the checksum).
+CRC_THREAD_MIN_BYTES = 1 << 20
+_ZEROS = bytes(1 << 20)
+_CRC_POOL: cf.ThreadPoolExecutor | None = None
+_CRC_PID = 0
+_CRC_LOCK = threading.Lock()
+
+
+def _crc_pool() -> cf.ThreadPoolExecutor:
+    """One crc32c thread per process: tasks run in submission order, so a chunk's running
+    checksum can be carried from one task to the next."""
+    global _CRC_POOL, _CRC_PID
+    with _CRC_LOCK:
+        if _CRC_POOL is None or _CRC_PID != os.getpid():
+            _CRC_POOL = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-crc")
+            _CRC_PID = os.getpid()
+        return _CRC_POOL
+
+
+class _Running:
+    """The running crc32c of the chunk being written (updated by one thread at a time)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: memoryview, last: bool) -> int:
+        self.value = crc32c.crc32c(data, self.value)
+        out = self.value
+        if last:
+            self.value = 0
+        return out
+
+
+class PackedShardWriter:
+    """Writes one shard front to back from 1-D pieces of any size (``write``), zero runs
+    (``zeros``) and jumps forward (``skip_to``, zero-filled); ``close`` zero-fills the rest and
+    publishes the shard through ``sink`` (a :class:`~zshard.store.storage.PositionalWriter`).
+
+    Each piece goes from the caller's memory to its place in the shard in chunk-sized writes;
+    the crc32c of a large piece runs on the crc thread meanwhile, and each chunk's checksum is
+    written as soon as it is known. When ``write`` returns, nothing refers to the piece any
+    more: the caller may reuse its memory.
+    """
+
+    def __init__(self, sink: PositionalWriter, geo: Geometry, dt: DType, where: str) -> None:
+        self.where = where
+        self.geo = geo
+        self.dt = dt
+        self._np = dt.numpy
+        self._sink = sink
+        self._pos = 0  # elements written
+        self._running = _Running()
+        self._pending: collections.deque[tuple[cf.Future[int], int | None]] = collections.deque()
+        self.nbytes = geo.nbytes
+        try:
+            sink.pwrite(0, encode_index(geo, dt))
+        except BaseException:
+            sink.abort()
+            raise
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def write(self, piece: np.ndarray) -> None:
+        if piece.dtype != self._np:
+            raise TypeError(f"{self.where}: got {piece.dtype}, expected {self._np}")
+        n = piece.size
+        if self._pos + n > self.geo.shard_numel:
+            raise ValueError(
+                f"{self.where}: {self._pos + n} elements exceed the shard's {self.geo.shard_numel}"
+            )
+        if n:
+            self._write_bytes(as_bytes(piece))
+
+    def zeros(self, n: int) -> None:
+        if self._pos + n > self.geo.shard_numel:
+            raise ValueError(f"{self.where}: zero fill past the shard's end")
+        nbytes = n * self.dt.itemsize
+        while nbytes:
+            take = min(nbytes, len(_ZEROS))
+            self._write_bytes(memoryview(_ZEROS)[:take])
+            nbytes -= take
+
+    def skip_to(self, element: int) -> None:
+        """Zero-fill up to ``element`` (it must not lie behind what was written)."""
+        if element < self._pos:
+            raise ValueError(
+                f"{self.where}: cannot go back to element {element} (at {self._pos}); write "
+                "the groups of a shard in their order"
+            )
+        self.zeros(element - self._pos)
+
+    def _write_bytes(self, view: memoryview) -> None:
+        geo = self.geo
+        size = geo.chunk_data_nbytes
+        isz = self.dt.itemsize
+        threaded = view.nbytes >= CRC_THREAD_MIN_BYTES
+        pool = _crc_pool() if threaded else None
+        at = self._pos * isz  # data bytes before this piece (crc32c slots not counted)
+        try:
+            while view.nbytes:
+                i, o = divmod(at, size)
+                take = min(view.nbytes, size - o)
+                seg = view[:take]
+                last = o + take == size
+                slot = geo.chunk_offset(i) + size if last else None
+                if pool is not None:
+                    fut = pool.submit(self._running.update, seg, last)
+                    self._pending.append((fut, slot))
+                    self._sink.pwrite(geo.chunk_offset(i) + o, seg)
+                    self._drain(block=False)
+                else:
+                    value = self._running.update(seg, last)
+                    self._sink.pwrite(geo.chunk_offset(i) + o, seg)
+                    if slot is not None:
+                        self._sink.pwrite(slot, np.uint32(value).tobytes())
+                view = view[take:]
+                at += take
+        finally:
+            self._drain(block=True)  # nothing may refer to the caller's memory after this
+        self._pos = at // isz
+
+    def _drain(self, block: bool) -> None:
+        while self._pending and (block or self._pending[0][0].done()):
+            fut, slot = self._pending.popleft()
+            value = fut.result()
+            if slot is not None:
+                self._sink.pwrite(slot, np.uint32(value).tobytes())
+
+    def close(self) -> None:
+        """Zero-fill the rest and publish the shard (or hand it to the writer's batch)."""
+        try:
+            self.zeros(self.geo.shard_numel - self._pos)
+            self._sink.commit()
+        except BaseException:
+            self._sink.abort()
+            raise
+
+    def abort(self) -> None:
+        self._sink.abort()
+
+
+def check_index(raw: bytes, group: FlatGroup | Geometry, dt: DType, where: str) -> None:
     expected = encode_index(group, dt)
     if raw == expected:
         return
@@ -209,24 +416,34 @@ def check_index(raw: bytes, group: FlatGroup, dt: DType, where: str) -> None:
 
 
 class ChunkCache:
-    """The last few verified chunks that a read used only partly.
+    """The last few verified chunks that a read used only partly, or read ahead.
 
     Tensors packed end to end share boundary chunks, and small tensors (norms, biases) share
     one chunk with many neighbours; reading tensor by tensor would fetch and checksum such a
     chunk once per tensor. Keeping it makes a sequential load read every chunk exactly once.
+    Chunks read ahead (remote stores) wait here for the reads that follow. ``capacity`` counts
+    chunks, ``max_bytes`` bytes; the oldest go first.
     """
 
-    def __init__(self, capacity: int = 4) -> None:
+    def __init__(self, capacity: int = 4, max_bytes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._chunks: dict[tuple[str, int], np.ndarray] = {}
 
     def get(self, key: str, index: int) -> np.ndarray | None:
         return self._chunks.get((key, index))
 
     def put(self, key: str, index: int, chunk: np.ndarray) -> None:
+        old = self._chunks.pop((key, index), None)
+        if old is not None:
+            self._bytes -= old.nbytes
         self._chunks[(key, index)] = chunk
-        while len(self._chunks) > self.capacity:
-            self._chunks.pop(next(iter(self._chunks)))
+        self._bytes += chunk.nbytes
+        while len(self._chunks) > self.capacity or (
+            self.max_bytes is not None and self._bytes > self.max_bytes and len(self._chunks) > 1
+        ):
+            self._bytes -= self._chunks.pop(next(iter(self._chunks))).nbytes
 
 
 def read_shard_range(

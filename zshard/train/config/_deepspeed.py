@@ -644,15 +644,38 @@ def _rules() -> list[Rule]:
         "use_all_reduce_for_fetch_params",
         "stage3_allgather_sequential",
         "allgather_sequential",
-        "zero_hpz_partition_size",
     ):
         add(f"{z}.{alias}", "warn", note=_PERF, ok=(False, 1))
-    for alias in (
-        "zero_quantized_weights",
-        "zero_quantized_nontrainable_weights",
-        "zero_quantized_gradients",
-    ):
-        add(f"{z}.{alias}", "refused", note="zshard communicates exact values", ok=(False,))
+    # ZeRO++ (stage 3).
+    add(
+        f"{z}.zero_quantized_weights",
+        "mapped",
+        "zero.quantized_weights",
+        "ZeRO++ qwZ: int8 parameter all-gathers, one scale per zero.quantization_block_size "
+        "elements (stage 3)",
+        apply=_to("zero.quantized_weights", "flag"),
+    )
+    add(
+        f"{z}.zero_quantized_gradients",
+        "mapped",
+        "zero.quantized_gradients",
+        "ZeRO++ qgZ: gradients reduced by a hierarchical all-to-all of int8 blocks (stage 3)",
+        apply=_to("zero.quantized_gradients", "flag"),
+    )
+    add(
+        f"{z}.zero_hpz_partition_size",
+        "mapped",
+        "zero.hpz_partition_size",
+        "ZeRO++ hpZ: secondary partition over that many ranks of a node, backward all-gather "
+        "inside it (stage 3; 1 = off)",
+        apply=_to("zero.hpz_partition_size", minimum=1),
+    )
+    add(
+        f"{z}.zero_quantized_nontrainable_weights",
+        "refused",
+        note="zshard keeps frozen weights in the module dtype",
+        ok=(False,),
+    )
     add(f"{z}.mics_shard_size", "refused", note="zshard partitions over all ranks", ok=(-1,))
     add(
         f"{z}.mics_hierarchical_params_gather",

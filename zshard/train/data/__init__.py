@@ -21,14 +21,8 @@ from zshard.train.data._text import (
     decode,
     encode,
 )
-from zshard.train.data._tokenize import (
-    Tokenizer,
-    TokenizeResult,
-    cached_tokens,
-    load_tokenizer,
-    tokenize,
-    tokenizer_vocab_size,
-)
+from zshard.train.data._tokenize import TokenizeResult, cached_tokens, tokenize
+from zshard.train.data._tokenizer import Tokenizer, load_tokenizer, tokenizer_vocab_size
 from zshard.train.data._tokens import DTYPES, TokenDataset, list_files, read_meta
 
 __all__ = [

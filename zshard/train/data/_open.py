@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from zshard.errors import ConfigError, ZshardError
 from zshard.train.data._text import CharDataset
-from zshard.train.data._tokenize import cached_tokens, tokenizer_vocab_size
+from zshard.train.data._tokenize import cached_tokens
+from zshard.train.data._tokenizer import tokenizer_vocab_size
 from zshard.train.data._tokens import PathSpec, TokenDataset, list_files, read_meta
 
 BUILTIN = "builtin"

@@ -56,7 +56,9 @@ from zshard.train.zero import (
     STAGE2_SLOTS,
     STAGE3_SLOTS,
     UPDATE_WINDOW,
+    ZeroPPOptions,
     collective_mode,
+    zeropp_buffer_bytes,
 )
 from zshard.units import parse_size
 
@@ -84,6 +86,8 @@ class EstimateInput:
     )
     offload_optimizer: bool = False
     offload_param: bool = False
+    # ZeRO++ (stage 3): hpZ's secondary partitions and qwZ/qgZ staging buffers.
+    zeropp: ZeroPPOptions | None = None
     memory_per_rank: int | None = None
     memory_source: str = "given"
     stage: int | None = None  # the stage the user plans (or configured): reported, not assumed
@@ -284,6 +288,21 @@ def _buffers(inp: EstimateInput, stage: int, n: int) -> dict[str, int]:
             out["module_grad"] = STAGE3_SLOTS * part * (n + (inp.collectives == "native")) * p
         if m.persistent:
             out["persistent_modules"] = m.persistent * p
+        z = inp.zeropp
+        if n > 1 and z is not None:
+            node = z.hpz_partition_size if z.hpz_partition_size > 1 else n  # else: one node
+            if z.hpz_partition_size > 1:  # hpZ: 1/hpz of every gathered module (2Ψ/hpz, bf16)
+                out["hpz_secondary"] = math.ceil((m.params - m.persistent) / node) * p
+            staging = zeropp_buffer_bytes(
+                z,
+                world_size=n,
+                node=node,
+                max_partition=math.ceil(biggest / n),
+                prefetch=inp.prefetch,
+                slots=STAGE3_SLOTS,
+            )
+            if staging:
+                out["zeropp_staging"] = staging
     return out
 
 
@@ -361,6 +380,7 @@ def from_config(
             _offloaded(z.offload_optimizer) if offload_optimizer is None else offload_optimizer
         ),
         offload_param=_offloaded(z.offload_param) if offload_param is None else offload_param,
+        zeropp=ZeroPPOptions.from_config(z),
         memory_per_rank=memory_per_rank,
         memory_source=memory_source,
         stage=z.stage,
@@ -466,6 +486,8 @@ def render(est: Estimate) -> list[str]:
         f"{'in place' if inp.collectives == 'allreduce' else 'staged'}), gathered modules, "
         "module gradient slots and persistent modules (3); activations are not counted"
     )
+    if inp.zeropp is not None:
+        lines.append(f"{inp.zeropp.describe()} (stage 3): hpz_secondary and zeropp_staging buffers")
     lines.extend(f"assumption: {a}" for a in inp.assumptions)
     return lines
 

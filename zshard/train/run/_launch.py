@@ -28,8 +28,8 @@ from zshard.store.root import join_url, latest_name
 from zshard.store.storage import open_storage
 from zshard.train.config import ZshardConfig, default_nproc, load_with_deepspeed, warning_line
 from zshard.train.engine import check_model_matches, holds_checkpoints, resume_source
-from zshard.train.models import make_model
 from zshard.train.offload import preflight as check_offload
+from zshard.train.run._loop import build
 from zshard.train.run._stop import (
     EXIT_STOPPED,
     PREEMPT_ENV,
@@ -39,6 +39,7 @@ from zshard.train.run._stop import (
     signal_name,
 )
 from zshard.train.run._supervise import RunSignals, run_attempt
+from zshard.train.zero import check_zeropp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +71,13 @@ def preflight(cfg: ZshardConfig, world_size: int) -> None:
     """Fail before launch on what workers would only discover after start-up."""
     cfg.train.resolved_global_batch(world_size)  # batch arithmetic must work at this size
     check_offload(cfg, world_size)  # offload paths writable, reachable, with room
+    # The model and the data as every worker builds them: bad data fails here, in one line, and
+    # an hf_dataset is tokenized once, by this process, before any worker starts.
+    factory, *datasets = build(cfg)
+    for ds in datasets:
+        close = getattr(ds, "close", None)
+        if callable(close):
+            close()
     ckpt_dir = cfg.checkpoint.dir
     if cfg.checkpoint.resume == "never" and ckpt_dir and holds_checkpoints(ckpt_dir):
         raise ConfigError(
@@ -83,14 +91,10 @@ def preflight(cfg: ZshardConfig, world_size: int) -> None:
         reader = CheckpointReader.open(source)
     except CheckpointNotFoundError:
         raise ConfigError(f"checkpoint.resume: no checkpoint at {source}") from None
-    check_model_matches(reader.url, reader.manifest, _model_shapes(cfg))
-
-
-def _model_shapes(cfg: ZshardConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter name (tied ones included) of the configured model, built on ``meta``."""
     with torch.device("meta"):
-        model = make_model(cfg.model.name, **cfg.model_kwargs()).model
-    return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        model = factory()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    check_model_matches(reader.url, reader.manifest, shapes)
 
 
 def launch(config_path: str, opts: LaunchConfig) -> int:
@@ -106,6 +110,9 @@ def launch(config_path: str, opts: LaunchConfig) -> int:
         print(warning_line(ignored), file=sys.stderr)
     if not multi_node:
         preflight(cfg, nproc)
+    # ZeRO++: hpZ groups must lie inside a node (nproc ranks) and divide the world.
+    nodes = opts.nnodes if opts.nnodes.isdigit() else "1"
+    check_zeropp(cfg.zero, int(nodes) * nproc, nproc)
     # One run per checkpoint root (lock.py): the launcher lives as long as the run (it returns
     # only once every process of the run is gone, and they die with it: _stop), restarts
     # included, so it holds the root's lock and its workers inherit the run id. Under c10d

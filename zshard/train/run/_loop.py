@@ -28,7 +28,13 @@ from zshard.errors import ZshardError
 from zshard.store.root import join_url, step_dir_name
 from zshard.store.storage import open_storage, translate_errors
 from zshard.train.config import ZshardConfig, load_with_deepspeed
-from zshard.train.data import GlobalBatchSampler, collate, model_vocab_size, open_data
+from zshard.train.data import (
+    GlobalBatchSampler,
+    collate,
+    model_vocab_size,
+    open_data,
+    read_ahead,
+)
 from zshard.train.engine import initialize, resume_source
 from zshard.train.models import make_model
 from zshard.train.run._saves import SaveFailed, Saves
@@ -124,49 +130,93 @@ def evaluate(engine: Any, val: Any, cfg: ZshardConfig, batches: int = 4) -> floa
 
 def train(cfg: ZshardConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     """Train ``cfg.train.steps`` steps (from the resume point), or until the ranks agree to
-    stop (``stop``: this rank's signals and the launcher's stop request; see ``_stop``)."""
-    stop = stop or StopSignals(error_dir="")  # nothing but the caller's own signals
-    factory, dataset, val = build(cfg)
-    engine = initialize(None, cfg, model_factory=factory)
-    rank, world = engine.rank, engine.world_size
-    micro, accum, global_batch = cfg.train.resolve_batch(world)
-    sampler = GlobalBatchSampler(len(dataset), global_batch, cfg.train.seed)
+    stop (``stop``: this rank's signals and the launcher's stop request; see ``_stop``).
+    Returns the last step's metrics record."""
+    return _Run(cfg, stop or StopSignals(error_dir="")).run()
 
-    ckpt_dir = cfg.checkpoint.dir
-    resumed = engine.resume()  # checkpoint.resume, decided as the launcher decided it
-    start = engine.global_step
-    saves = None
-    if ckpt_dir:
-        here = resumed is not None and resume_source(cfg.checkpoint) == ckpt_dir
-        known = join_url(ckpt_dir, step_dir_name(start)) if here else None
-        saves = Saves(engine, cfg.checkpoint, known)
-    log = MetricsLog(ckpt_dir, fresh=start == 0) if (rank == 0 and ckpt_dir) else None
 
-    bar = None
-    if rank == 0:
+class _Run:
+    """One worker's run, in phases: set up (model, data, resume) on construction, then
+    :meth:`run` steps until done or until a stop is agreed, then the final save."""
+
+    def __init__(self, cfg: ZshardConfig, stop: StopSignals) -> None:
+        self.cfg, self.stop = cfg, stop
+        factory, self.dataset, self.val = build(cfg)
+        self.engine = engine = initialize(None, cfg, model_factory=factory)
+        self.rank, self.world = engine.rank, engine.world_size
+        self.micro, self.accum, global_batch = cfg.train.resolve_batch(self.world)
+        self.sampler = GlobalBatchSampler(len(self.dataset), global_batch, cfg.train.seed)
+        self.tokens_per_step = global_batch * cfg.data.seq_len
+        resumed = engine.resume()  # checkpoint.resume, decided as the launcher decided it
+        self.start = engine.global_step
+        ckpt_dir = cfg.checkpoint.dir
+        self.saves: Saves | None = None
+        if ckpt_dir:
+            here = resumed is not None and resume_source(cfg.checkpoint) == ckpt_dir
+            known = join_url(ckpt_dir, step_dir_name(self.start)) if here else None
+            self.saves = Saves(engine, cfg.checkpoint, known)
+        lead = self.rank == 0
+        self.log = MetricsLog(ckpt_dir, fresh=self.start == 0) if (lead and ckpt_dir) else None
         # stdout: the launcher keeps stderr in its log and shows only a failure's root cause.
-        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", file=sys.stdout)
-    tokens_per_step = global_batch * cfg.data.seq_len
-    last: dict[str, Any] = {}
-    stopped = 0
-    for step in range(start, cfg.train.steps):
-        # Every rank, before every step: stop here if any rank was asked to (all at one step).
-        agreed = agree(engine.comm, engine.device, stop.seen(), saves.failed_code() if saves else 0)
+        self.bar = (
+            tqdm(
+                total=cfg.train.steps,
+                initial=self.start,
+                desc="train",
+                unit="step",
+                file=sys.stdout,
+            )
+            if lead
+            else None
+        )
+
+    def run(self) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        stopped = 0
+        for step in range(self.start, self.cfg.train.steps):
+            stopped = self._agreed_stop()
+            if stopped:
+                break
+            last = self._step(step)
+            self._after_step(step, last)
+        checkpoint = self._finish(stopped)
+        if stopped:
+            write_stopped(
+                self.engine.global_step, stopped, checkpoint, self.cfg.checkpoint.on_signal
+            )
+        return last
+
+    def _agreed_stop(self) -> int:
+        """Every rank, before every step: the signal any rank was stopped by (0: go on), so all
+        stop at one step; also where a held-back save failure is reported."""
+        saves = self.saves
+        agreed = agree(
+            self.engine.comm,
+            self.engine.device,
+            self.stop.seen(),
+            saves.failed_code() if saves else 0,
+        )
         if saves is not None:
-            saves.report(agreed.reporter, rank)
-        if agreed.signum:
-            stopped = agreed.signum
-            break
+            saves.report(agreed.reporter, self.rank)
+        return agreed.signum
+
+    def _step(self, step: int) -> dict[str, Any]:
+        """One optimizer step over ``accum`` micro batches; its metrics record."""
+        engine = self.engine
         t0 = time.perf_counter()
         total = 0.0
-        for a in range(accum):
-            x, y = collate(dataset, sampler.micro_batch(step, rank, world, micro, a))
+        for a in range(self.accum):
+            # Token files on an object store start fetching the next micro batches now.
+            read_ahead(self.dataset, self.sampler, step, a, self.rank, self.world, self.micro)
+            x, y = collate(
+                self.dataset, self.sampler.micro_batch(step, self.rank, self.world, self.micro, a)
+            )
             loss = engine(x.to(engine.device), y.to(engine.device))
             engine.backward(loss)
             total += float(loss.detach().float().item())
         # Before step(): its all-reduce queues behind the gradient reductions (which step waits
         # for anyway), not behind the parameter all-gathers step() starts for the next forward.
-        loss_mean = mean_across_ranks(total / accum, engine.device)
+        loss_mean = mean_across_ranks(total / self.accum, engine.device)
         engine.step()
         dt = time.perf_counter() - t0
         comm = engine.stats()  # this rank's collectives during the step, by kind (bytes)
@@ -174,43 +224,54 @@ def train(cfg: ZshardConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             "step": step + 1,
             "loss": loss_mean,
             "lr": engine.lr,
-            "tokens_per_s": tokens_per_step / dt,
+            "tokens_per_s": self.tokens_per_step / dt,
             "step_time_s": dt,
             "peak_rss_bytes": peak_rss_bytes(),
             "comm_bytes": {k: c["bytes"] for k, c in comm["comm"].items() if c["calls"]},
             "comm_cross_node_bytes": comm["comm_cross_node_bytes"],
         }
-        every = cfg.train.eval_every
-        if val is not None and every and (step + 1) % every == 0:
-            record["val_loss"] = evaluate(engine, val, cfg)
+        every = self.cfg.train.eval_every
+        if self.val is not None and every and (step + 1) % every == 0:
+            record["val_loss"] = evaluate(engine, self.val, self.cfg)
         if not math.isfinite(loss_mean):
             raise ZshardError(f"step {step + 1}: loss is {loss_mean}; lower optimizer.lr")
-        last = record
-        if bar is not None:
-            bar.set_postfix(
-                loss=f"{loss_mean:.4f}",
-                lr=f"{engine.lr:.2e}",
+        return record
+
+    def _after_step(self, step: int, record: dict[str, Any]) -> None:
+        """Progress bar, metrics.jsonl and the periodic save."""
+        cfg = self.cfg
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
-            bar.update(1)
+            self.bar.update(1)
         log_every = max(1, cfg.train.log_every)
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == cfg.train.steps):
-            log.append(record)
-        if saves is not None and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-            saves.periodic()  # checkpoint.on_error decides what a failure does
-    checkpoint = None
-    if saves is not None:
-        agreed = agree(engine.comm, engine.device, 0, saves.failed_code())
-        saves.report(agreed.reporter, rank)  # a failure held back at the last periodic save
-        if engine.global_step > start and not (stopped and cfg.checkpoint.on_signal == "exit"):
-            saves.last()  # synchronous: committed before this process reports anything
-        checkpoint = saves.settled()
-    engine.close()
-    if bar is not None:
-        bar.close()
-    if stopped:
-        write_stopped(engine.global_step, stopped, checkpoint, cfg.checkpoint.on_signal)
-    return last
+        if self.log is not None and ((step + 1) % log_every == 0 or step + 1 == cfg.train.steps):
+            self.log.append(record)
+        if (
+            self.saves is not None
+            and cfg.checkpoint.every
+            and (step + 1) % cfg.checkpoint.every == 0
+        ):
+            self.saves.periodic()  # checkpoint.on_error decides what a failure does
+
+    def _finish(self, stopped: int) -> str | None:
+        """The final save (unless stopped with ``on_signal: exit``); the newest checkpoint."""
+        checkpoint = None
+        saves, engine = self.saves, self.engine
+        if saves is not None:
+            agreed = agree(engine.comm, engine.device, 0, saves.failed_code())
+            saves.report(agreed.reporter, self.rank)  # a failure held back at the last save
+            on_exit = stopped and self.cfg.checkpoint.on_signal == "exit"
+            if engine.global_step > self.start and not on_exit:
+                saves.last()  # synchronous: committed before this process reports anything
+            checkpoint = saves.settled()
+        engine.close()
+        if self.bar is not None:
+            self.bar.close()
+        return checkpoint
 
 
 def record_error(exc: BaseException) -> None:

@@ -2,9 +2,12 @@
 
 After the optimizer step each rank holds new values for its partition of every trainable flat
 group; the others' partitions must reach it before the parameters are used again. :meth:`start`
-issues one asynchronous collective per bucket of ``allgather_bucket_size`` elements, and a forward
-pre-hook on every module that owns parameters waits for the buckets holding them (buckets are
-waited for in order), so the gathers of later layers overlap the forward of earlier ones.
+arms one asynchronous collective per bucket of ``allgather_bucket_size`` elements; the root
+module's forward pre-hook starts them as the next forward begins, and a forward pre-hook on every
+module that owns parameters waits for the buckets holding them (buckets are waited for in order),
+so the gathers of later layers overlap the forward of earlier ones. They start with the forward,
+not at the end of the step, so that a blocking collective issued between the two (a barrier, the
+training loop's loss average or stop agreement) does not queue behind them.
 
 - Mode ``allreduce`` (gloo): a bucket is a contiguous range of the flat buffer, in parameter
   order; what this rank does not own is zeroed and the range is all-reduced in place
@@ -57,6 +60,7 @@ class ParamGather:
     ) -> None:
         self.comm = comm
         self.overlap = overlap
+        self._root = model
         self.native = comm.mode == "native"
         self.buckets: list[_Bucket] = []
         n = comm.world_size
@@ -106,6 +110,7 @@ class ParamGather:
         return False
 
     def install(self) -> None:
+        self._hooks.append(self._root.register_forward_pre_hook(self._begin))
         for module in self._need:
             self._hooks.append(module.register_forward_pre_hook(self._pre_forward))
 
@@ -121,6 +126,9 @@ class ParamGather:
     def pending(self) -> int:
         return len(self.buckets) - self._waited
 
+    def _begin(self, module: nn.Module, args: Any) -> None:
+        self._launch_first()
+
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         need = self._need.get(module)
         if need is not None and self._waited <= need:
@@ -129,15 +137,18 @@ class ParamGather:
     # -- starting and waiting ----------------------------------------------------------------
 
     def start(self) -> None:
-        """The partitions were updated: start gathering them (all buckets, or as many as there
-        are staging slots)."""
+        """The partitions were updated: gather them, starting with the next forward (or now,
+        blocking, without overlap)."""
         self.wait_all()
         self._launched = self._waited = 0
+        if not self.overlap:
+            self.wait_all()
+
+    def _launch_first(self) -> None:
+        """Start the buckets of an armed gather: all of them, or as many as there are slots."""
         limit = len(self.pool) if self.pool is not None else len(self.buckets)
         while self._launched < min(limit, len(self.buckets)):
             self._launch(self._launched)
-        if not self.overlap:
-            self.wait_all()
 
     def _launch(self, i: int) -> None:
         b = self.buckets[i]
@@ -160,6 +171,8 @@ class ParamGather:
 
     def wait_until(self, i: int) -> None:
         """Wait for buckets up to ``i`` in order (starting the next ones as slots free up)."""
+        if self._waited <= i and self._waited < len(self.buckets):
+            self._launch_first()
         while self._waited <= i and self._waited < len(self.buckets):
             k = self._waited
             while self._launched <= k:

@@ -97,6 +97,11 @@ def node_size(opts: ZeroPPOptions, world_size: int, local_world_size: int) -> in
                 f"zero.hpz_partition_size: {h} exceeds the {local_world_size} ranks of a node "
                 "(LOCAL_WORLD_SIZE)"
             )
+        if local_world_size % h:
+            raise ConfigError(
+                f"zero.hpz_partition_size: {h} does not divide the {local_world_size} ranks of "
+                "a node (LOCAL_WORLD_SIZE): its groups would straddle nodes"
+            )
         return h
     lws = max(1, min(local_world_size, world_size))
     if world_size % lws:
@@ -216,9 +221,7 @@ class HierarchicalReduceScatter:
         i = self._pool.take()
         own = i is None
         if own:  # every slot in flight (callers bound that): a buffer for this one only
-            mem = torch.empty(
-                _carved_nbytes(self._sizes(p)), dtype=torch.uint8, device=full.device
-            )
+            mem = torch.empty(_carved_nbytes(self._sizes(p)), dtype=torch.uint8, device=full.device)
         else:
             assert i is not None
             mem = self._pool.view(i, torch.uint8, self._pool.slot_bytes)
