@@ -418,7 +418,7 @@ def corruption_sweep(workdir: str, *, samples_per_chunk: int, seed: int) -> Outc
     data), and fail at load with a ZshardError naming the tensor and file."""
     from zshard.store import dtypes
     from zshard.store.reader import CheckpointReader
-    from zshard.store.shard import CRC_NBYTES, chunk_nbytes, index_nbytes, shard_key
+    from zshard.store.shard import CRC_NBYTES, Geometry
     from zshard.store.verify import verify
 
     out = Outcome("single-byte flips, truncation, missing files")
@@ -432,8 +432,9 @@ def corruption_sweep(workdir: str, *, samples_per_chunk: int, seed: int) -> Outc
     m = reader.manifest
     g = m.layout.group("g0000")
     dt = dtypes.dtype("float32")
-    n_chunks, csize = g.chunks_per_shard, chunk_nbytes(g, dt)
-    ibytes = index_nbytes(n_chunks)
+    stored = {k: m.locate("g0000", k)[0] for k in KINDS}  # one group: base 0 in each shard
+    geo = Geometry(stored["param"].shard_numel, stored["param"].chunk_numel, dt.itemsize)
+    n_chunks, csize, ibytes = geo.n_chunks, geo.chunk_nbytes, geo.index_nbytes
 
     def tensors_at(rank: int, lo: int, hi: int) -> list[str]:
         base = rank * g.partition_numel
@@ -505,9 +506,9 @@ def corruption_sweep(workdir: str, *, samples_per_chunk: int, seed: int) -> Outc
 
     open_orig: dict[str, bytes] = {}
     for k in KINDS:
-        a = m.array("g0000", k)
+        a = stored[k]
         for rank in range(wl.world):
-            rel = shard_key(a.path, rank)
+            rel = a.shard_key(rank)
             open_orig[rel] = read_bytes(os.path.join(step_dir, rel))
             everyone = tensors_at(rank, 0, g.partition_numel)
             idx_positions = sorted({0, ibytes - CRC_NBYTES - 1, *rng.sample(range(ibytes - 4), 3)})
@@ -518,7 +519,7 @@ def corruption_sweep(workdir: str, *, samples_per_chunk: int, seed: int) -> Outc
             for c in range(n_chunks):
                 base = ibytes + c * csize
                 body = csize - CRC_NBYTES
-                names = tensors_at(rank, c * g.chunk_numel, (c + 1) * g.chunk_numel)
+                names = tensors_at(rank, c * geo.chunk_numel, (c + 1) * geo.chunk_numel)
                 picks = {0, body - 1, *rng.sample(range(body), min(samples_per_chunk, body))}
                 for off in sorted(picks):
                     check_flip(rel, base + off, "chunk body", names, k)
@@ -537,15 +538,15 @@ def corruption_sweep(workdir: str, *, samples_per_chunk: int, seed: int) -> Outc
         for pos in sorted(rng.sample(range(len(open_orig[rel])), 8)):
             check_flip(rel, pos, "rank state", [], "param")
     for k in KINDS:
-        rel = f"{m.array('g0000', k).path}/zarr.json"
+        rel = f"{stored[k].path}/zarr.json"
         open_orig[rel] = read_bytes(os.path.join(step_dir, rel))
         for pos in sorted(rng.sample(range(len(open_orig[rel])), 12)):
             check_flip(rel, pos, "array zarr.json", [], k)
     # Truncations and missing shards.
     for k in KINDS:
-        a = m.array("g0000", k)
+        a = stored[k]
         for rank in range(wl.world):
-            rel = shard_key(a.path, rank)
+            rel = a.shard_key(rank)
             path = os.path.join(step_dir, rel)
             full = open_orig[rel]
             cuts = {0, 3, ibytes - 1, ibytes + 5, len(full) - 1, rng.randrange(ibytes, len(full))}
@@ -555,7 +556,7 @@ def corruption_sweep(workdir: str, *, samples_per_chunk: int, seed: int) -> Outc
                 # The tensors that lost bytes: all of the shard's if the index is cut, else
                 # those in the cut chunk and after it (reads of earlier chunks are still right).
                 first_lost = 0 if cut < ibytes else (cut - ibytes) // csize
-                lost = tensors_at(rank, first_lost * g.chunk_numel, g.partition_numel)
+                lost = tensors_at(rank, first_lost * geo.chunk_numel, g.partition_numel)
                 _expect_detected(root, path, lost, k, "truncated shard")
                 out.runs += 1
                 out.add("truncated shard: detected by verify")

@@ -121,12 +121,12 @@ LIES: dict[str, Callable[[dict], None]] = {
     "partition shrinks": lambda o: o["layout"]["groups"][0].update(
         partition_numel=o["layout"]["groups"][0]["partition_numel"] - 3
     ),
-    "chunk halves": lambda o: o["layout"]["groups"][0].update(
-        chunk_numel=o["layout"]["groups"][0]["chunk_numel"] // 2
-    ),
-    "chunk is the partition": lambda o: o["layout"]["groups"][0].update(
-        chunk_numel=o["layout"]["groups"][0]["partition_numel"]
-    ),
+    "chunk halves": lambda o: [a.update(chunk_numel=a["chunk_numel"] // 2) for a in o["arrays"]],
+    "chunk is the shard": lambda o: [a.update(chunk_numel=a["shard_numel"]) for a in o["arrays"]],
+    "shard grows by a chunk": lambda o: [
+        a.update(shard_numel=a["shard_numel"] + a["chunk_numel"]) for a in o["arrays"]
+    ],
+    "group base +1": lambda o: [a["groups"][0].__setitem__(1, 1) for a in o["arrays"]],
     "world size 2": lambda o: o["layout"].update(world_size=2),
     "world size 4": lambda o: o["layout"].update(world_size=4),
     "tensor dtype float64": lambda o: _t(o, "w").update(dtype="float64"),
@@ -167,7 +167,7 @@ def test_lying_manifest_is_a_clean_error(pristine, tmp_path, case, bounded_reads
 
 def test_edited_array_zarr_json_is_reported_by_verify_and_load(pristine, tmp_path):
     wl, root, _ = pristine
-    meta = os.path.join(root, "step-00000005", "data", "g0000", "param", "zarr.json")
+    meta = os.path.join(root, "step-00000005", "data", "param.float32", "zarr.json")
     original = read_bytes(meta)
     edits = {
         "dtype": lambda m: m.update(data_type="int32"),

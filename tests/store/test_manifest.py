@@ -1,4 +1,5 @@
-"""The manifest: round trip, the pinned on-disk framing, checksum and lie detection."""
+"""The manifest: round trip, the pinned on-disk framing (format 2, and format 1 as still read),
+checksum and lie detection."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from zshard.store.layout import Layout, pack
 from zshard.store.manifest import FORMAT_VERSION, ArrayEntry, Manifest, TensorEntry
 
 
-def small_manifest() -> Manifest:
+def small_manifest(format_version: int = FORMAT_VERSION) -> Manifest:
     g, fr = pack("g0", [("w", 6), ("b", 2)], 3)
     return Manifest(
         step=7,
@@ -30,6 +31,25 @@ def small_manifest() -> Manifest:
         ],
         ties={"head": "w"},
         state={"lr": 0.5},
+        created="2024-01-01T00:00:00+00:00",
+        zshard_version="0.1.0",
+        format_version=format_version,
+    )
+
+
+def packed_manifest() -> Manifest:
+    """Stage 3 style: two groups (modules), both packed into the one param array."""
+    g0, f0 = pack("g0", [("a.w", 6), ("a.b", 2)], 2)
+    g1, f1 = pack("g1", [("c.w", 5)], 2)
+    return Manifest(
+        step=9,
+        layout=Layout(2, 3, (g0, g1)),
+        arrays=[ArrayEntry("g0", "param", "float32"), ArrayEntry("g1", "param", "float32")],
+        tensors=[
+            TensorEntry("a.w", "param", (2, 3), "float32", tuple(f0["a.w"])),
+            TensorEntry("a.b", "param", (2,), "float32", tuple(f0["a.b"])),
+            TensorEntry("c.w", "param", (5,), "float32", tuple(f1["c.w"])),
+        ],
         created="2024-01-01T00:00:00+00:00",
         zshard_version="0.1.0",
     )
@@ -72,17 +92,19 @@ def frame(obj: Any) -> bytes:
     return b'{"crc32c":"' + f"{crc32c.crc32c(body):08x}".encode() + b'","manifest":' + body + b"}"
 
 
-@pytest.mark.parametrize("make", [small_manifest, richer_manifest])
+@pytest.mark.parametrize("make", [small_manifest, richer_manifest, packed_manifest])
 def test_round_trip(make):
     m = make()
     raw = m.to_bytes()
     back = Manifest.from_bytes(raw, "test")
     assert back == m
     assert back.to_bytes() == raw
-    assert back.tensor("w" if make is small_manifest else "a.w", "param").numel > 0
+    assert back.tensor("c.w" if make is packed_manifest else "w" if make is small_manifest
+                       else "a.w", "param").numel > 0  # fmt: skip
 
 
-GOLDEN = (
+# Format 1, as zshard 0.1 wrote it: still read, field for field.
+GOLDEN_V1 = (
     b'{"crc32c":"bfa95fe3","manifest":{"format":"zshard.checkpoint","format_version":1,'
     b'"zshard_version":"0.1.0","created":"2024-01-01T00:00:00+00:00","step":7,"layout":'
     b'{"world_size":3,"stage":1,"groups":[{"name":"g0","partition_numel":3,"chunk_numel":3}]},'
@@ -92,18 +114,52 @@ GOLDEN = (
     b'[["g0",2,6,0,2]]}],"ties":{"head":"w"},"state":{"lr":0.5},"rank_state":0}}'
 )
 
+# Format 2: groups packed into one array per (kind, dtype), each at its base in the shard.
+GOLDEN_V2 = (
+    b'{"crc32c":"b53760f2","manifest":{"format":"zshard.checkpoint","format_version":2,'
+    b'"zshard_version":"0.1.0","created":"2024-01-01T00:00:00+00:00","step":9,"layout":'
+    b'{"world_size":2,"stage":3,"groups":[{"name":"g0","partition_numel":4},{"name":"g1",'
+    b'"partition_numel":3}]},"arrays":[{"kind":"param","dtype":"float32","shard_numel":7,'
+    b'"chunk_numel":7,"groups":[["g0",0],["g1",4]]}],"tensors":[{"name":"a.w","kind":"param",'
+    b'"shape":[2,3],"dtype":"float32","fragments":[["g0",0,0,0,4],["g0",1,4,4,2]]},{"name":'
+    b'"a.b","kind":"param","shape":[2],"dtype":"float32","fragments":[["g0",1,6,0,2]]},'
+    b'{"name":"c.w","kind":"param","shape":[5],"dtype":"float32","fragments":[["g1",0,0,0,3],'
+    b'["g1",1,3,3,2]]}],"ties":{},"state":{},"rank_state":0}}'
+)
+
 
 def test_golden_bytes_pin_the_format():
-    raw = small_manifest().to_bytes()
-    assert raw == GOLDEN
+    raw = packed_manifest().to_bytes()
+    assert raw == GOLDEN_V2
     # The framing: {"crc32c":"<8 lowercase hex>","manifest":<body>} with crc32c over the body.
     prefix, middle = b'{"crc32c":"', b'","manifest":'
     assert raw.startswith(prefix) and raw[19:32] == middle and raw.endswith(b"}")
     digest, body = raw[11:19], raw[32:-1]
     assert digest == f"{crc32c.crc32c(body):08x}".encode()
-    assert json.loads(body)["format_version"] == FORMAT_VERSION == 1
-    # Readers must accept the pinned bytes as written by this version.
-    assert Manifest.from_bytes(GOLDEN, "golden") == small_manifest()
+    assert json.loads(body)["format_version"] == FORMAT_VERSION == 2
+    m = Manifest.from_bytes(GOLDEN_V2, "golden")
+    assert m == packed_manifest()
+    (s,) = m.stored
+    assert (s.path, s.shard_key(1), s.segments) == (
+        "data/param.float32",
+        "data/param.float32/c.1",
+        (("g0", 0), ("g1", 4)),
+    )
+    assert m.locate("g1", "param") == (s, 4)
+
+
+def test_format_1_is_still_read():
+    m = Manifest.from_bytes(GOLDEN_V1, "golden v1")
+    assert m == small_manifest(format_version=1)
+    assert m.format_version == 1
+    (s,) = m.stored
+    assert (s.path, s.shard_key(2), s.chunk_numel, s.shard_numel) == (
+        "data/g0/param",
+        "data/g0/param/c/2",
+        3,
+        3,
+    )
+    assert m.to_bytes() == GOLDEN_V1  # field for field, as version 1 wrote it
 
 
 def test_every_single_bit_flip_is_rejected():
@@ -181,8 +237,18 @@ LIES: dict[str, tuple[Callable[[dict], None], type[ZshardError], str]] = {
     "boolean step": (_set(["step"], True), ManifestError, "step"),
     "float step": (_set(["step"], 7.0), ManifestError, "step"),
     "negative partition": (_set(["layout", "groups", 0, "partition_numel"], -3), ManifestError, ""),
-    "zero chunk": (_set(["layout", "groups", 0, "chunk_numel"], 0), ManifestError, ""),
-    "chunk not dividing": (_set(["layout", "groups", 0, "chunk_numel"], 2), ManifestError, ""),
+    "zero chunk": (_set(["arrays", 0, "chunk_numel"], 0), ManifestError, "divide"),
+    "chunk not dividing": (_set(["arrays", 0, "chunk_numel"], 2), ManifestError, "divide"),
+    "shard too small": (
+        lambda o: o["arrays"][0].update(shard_numel=2, chunk_numel=2),
+        ManifestError,
+        "outside",
+    ),
+    "base past the shard": (_set(["arrays", 0, "groups", 0, 1], 1), ManifestError, "outside"),
+    "negative base": (_set(["arrays", 0, "groups", 0, 1], -1), ManifestError, "non-negative"),
+    "array holds no group": (_set(["arrays", 0, "groups"], []), ManifestError, "no group"),
+    "malformed array group": (_set(["arrays", 0, "groups", 0], ["g0"]), ManifestError, "group"),
+    "shard_numel string": (_set(["arrays", 0, "shard_numel"], "3"), ManifestError, "shard_numel"),
     "boolean world size": (_set(["layout", "world_size"], True), ManifestError, "world_size"),
     "zero world size": (_set(["layout", "world_size"], 0), ManifestError, "world_size"),
     "negative world size": (_set(["layout", "world_size"], -2), ManifestError, "world_size"),
@@ -214,10 +280,10 @@ LIES: dict[str, tuple[Callable[[dict], None], type[ZshardError], str]] = {
     "group name ../x": (_set(["layout", "groups", 0, "name"], "../x"), ManifestError, "identifier"),
     "group name a/b": (_set(["layout", "groups", 0, "name"], "a/b"), ManifestError, "identifier"),
     "group name empty": (_set(["layout", "groups", 0, "name"], ""), ManifestError, "identifier"),
-    "array group ../x": (_set(["arrays", 0, "group"], "../x"), ManifestError, "identifier"),
+    "array group ../x": (_set(["arrays", 0, "groups", 0, 0], "../x"), ManifestError, "identifier"),
     "state kind a/b": (_set(["arrays", 0, "kind"], "a/b"), ManifestError, "identifier"),
     "tensor kind ..": (lambda o: _tensor(o, "w").update(kind=".."), ManifestError, "identifier"),
-    "array of unknown group": (_set(["arrays", 0, "group"], "g9"), ManifestError, ""),
+    "array of unknown group": (_set(["arrays", 0, "groups", 0, 0], "g9"), ManifestError, ""),
     "duplicate array": (lambda o: o["arrays"].append(dict(o["arrays"][0])), ManifestError, "twice"),
     "duplicate tensor": (
         lambda o: o["tensors"].append(copy.deepcopy(o["tensors"][1])),
@@ -256,6 +322,31 @@ def test_lying_manifests_are_rejected_cleanly(case):
     assert words in str(info.value)
     assert str(info.value).startswith("lie.json")
     assert "\n" not in str(info.value)
+
+
+PACKED_LIES: dict[str, tuple[Callable[[dict], None], str]] = {
+    "groups overlap": (_set(["arrays", 0, "groups", 1, 1], 3), "overlap"),
+    "group stored twice": (
+        lambda o: o["arrays"][0]["groups"].__setitem__(1, ["g0", 4]),
+        "twice",
+    ),
+    "group missing from its array": (lambda o: o["arrays"][0]["groups"].pop(), "no array"),
+    "array split in two": (
+        lambda o: o["arrays"].append({**o["arrays"][0], "groups": [["g1", 0]]}),
+        "twice",
+    ),
+    "second group past the end": (_set(["arrays", 0, "groups", 1, 1], 5), "outside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PACKED_LIES))
+def test_lying_packed_arrays_are_rejected_cleanly(case):
+    mutate, words = PACKED_LIES[case]
+    obj = packed_manifest().to_json()
+    mutate(obj)
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_bytes(frame(obj), "lie.json")
+    assert words in str(info.value) and "\n" not in str(info.value)
 
 
 def test_not_json_inside_valid_framing():

@@ -16,9 +16,9 @@ from tests.conftest import read_all, write_checkpoint
 from zshard.errors import CorruptDataError, ManifestError, StorageError, ZshardError
 from zshard.store import dtypes, layout
 from zshard.store.layout import FlatGroup, Layout
-from zshard.store.manifest import ArrayEntry, TensorEntry
+from zshard.store.manifest import ArrayEntry, Manifest, StoredArray, TensorEntry
 from zshard.store.reader import CheckpointReader, to_numpy
-from zshard.store.shard import chunk_nbytes, index_nbytes, shard_key, shard_nbytes
+from zshard.store.shard import Geometry, chunk_nbytes, index_nbytes, shard_nbytes
 from zshard.store.verify import verify
 from zshard.store.writer import CheckpointWriter
 
@@ -48,17 +48,28 @@ def _tensors(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def _flat(reader: CheckpointReader, a: ArrayEntry) -> np.ndarray:
-    """The flat buffer of one array as zshard's reader sees it (padding zero)."""
+def geo(s: StoredArray) -> Geometry:
+    return Geometry(s.shard_numel, s.chunk_numel, dtypes.dtype(s.dtype).itemsize)
+
+
+def zarr_position(m: Manifest, kind: str, f: layout.Fragment) -> int:
+    """Where fragment ``f``'s first element lies in its stored array as zarr sees it: rank
+    ``f.rank``'s shard, at its group's base."""
+    s, base = m.locate(f.group, kind)
+    p = m.layout.group(f.group).partition_numel
+    return f.rank * s.shard_numel + base + f.offset - f.rank * p
+
+
+def _flat(reader: CheckpointReader, s: StoredArray) -> np.ndarray:
+    """The flat buffer of one stored array as zshard's reader sees it (padding zero)."""
     m = reader.manifest
-    g = m.layout.group(a.group)
-    flat = np.zeros(g.partition_numel * m.layout.world_size, dtype=dtypes.dtype(a.dtype).numpy)
-    for t in reader.iter_tensors({a.kind}):
+    flat = np.zeros(s.shard_numel * m.layout.world_size, dtype=dtypes.dtype(s.dtype).numpy)
+    groups = {g for g, _ in s.segments}
+    for t in reader.iter_tensors({s.kind}):
         for f in t.fragments:
-            if f.group == a.group:
-                flat[f.offset : f.offset + f.length] = reader.read(
-                    t.name, t.kind, f.start, f.start + f.length
-                )
+            if f.group in groups:
+                at = zarr_position(m, s.kind, f)
+                flat[at : at + f.length] = reader.read(t.name, t.kind, f.start, f.start + f.length)
     return flat
 
 
@@ -67,23 +78,24 @@ def test_zarr_reads_the_flat_buffers(tmp_path, small_chunks, world):
     tensors = _tensors()
     write_checkpoint(str(tmp_path), 3, tensors, world)
     reader = CheckpointReader.open(str(tmp_path))
-    assert {a.kind for a in reader.manifest.arrays} == set(tensors)
-    for a in reader.manifest.arrays:
-        g = reader.manifest.layout.group(a.group)
-        assert g.chunks_per_shard > 1
-        z = zarr.open_array(str(tmp_path / reader.ref.name / a.path), mode="r")
-        assert z.shape == (g.partition_numel * world,)
-        assert z.shards == (g.partition_numel,)
-        assert z.chunks == (g.chunk_numel,)
-        assert z.dtype == dtypes.dtype(a.dtype).numpy
-        assert z.attrs["zshard_logical_dtype"] == a.dtype
-        np.testing.assert_array_equal(z[:], _flat(reader, a))
+    m = reader.manifest
+    assert {s.kind for s in m.stored} == set(tensors)
+    for s in m.stored:
+        assert s.chunks_per_shard > 1
+        z = zarr.open_array(str(tmp_path / reader.ref.name / s.path), mode="r")
+        assert z.shape == (s.shard_numel * world,)
+        assert z.shards == (s.shard_numel,)
+        assert z.chunks == (s.chunk_numel,)
+        assert z.dtype == dtypes.dtype(s.dtype).numpy
+        assert z.attrs["zshard_logical_dtype"] == s.dtype
+        np.testing.assert_array_equal(z[:], _flat(reader, s))
         # And against the source tensors, through the fragments.
-        for name, t in tensors[a.kind].items():
+        for name, t in tensors[s.kind].items():
             want = to_numpy(t).reshape(-1)
-            for f in reader.manifest.tensor(name, a.kind).fragments:
+            for f in m.tensor(name, s.kind).fragments:
+                at = zarr_position(m, s.kind, f)
                 np.testing.assert_array_equal(
-                    z[f.offset : f.offset + f.length], want[f.start : f.start + f.length]
+                    z[at : at + f.length], want[f.start : f.start + f.length]
                 )
     # zarr also opens the whole checkpoint as a group.
     root = zarr.open_group(str(tmp_path / reader.ref.name), mode="r")
@@ -125,16 +137,17 @@ def _setup(tmp_path):
     write_checkpoint(str(tmp_path), 5, {"param": _tensors()["param"]}, 3)
     reader = CheckpointReader.open(str(tmp_path))
     m = reader.manifest
-    (a,) = m.arrays
-    g = m.layout.group(a.group)
+    (a,) = m.stored
     # Rank 1's shard holds elements of tensor "a" (91 of ~181 elements are "a"'s).
     frag = next(f for f in m.tensor("a", "param").fragments if f.rank == 1)
-    path = tmp_path / reader.ref.name / shard_key(a.path, 1)
-    return SimpleNamespace(reader=reader, a=a, g=g, frag=frag, path=path, dt=dtypes.dtype(a.dtype))
+    path = tmp_path / reader.ref.name / a.shard_key(1)
+    return SimpleNamespace(
+        reader=reader, a=a, g=geo(a), m=m, frag=frag, path=path, dt=dtypes.dtype(a.dtype)
+    )
 
 
-def _chunk_of(g: FlatGroup, frag) -> int:
-    return (frag.offset - frag.rank * g.partition_numel) // g.chunk_numel
+def _chunk_of(s, frag) -> int:
+    return (zarr_position(s.m, "param", frag) - frag.rank * s.a.shard_numel) // s.a.chunk_numel
 
 
 def _flip(path, pos: int) -> None:
@@ -161,22 +174,22 @@ def test_clean_checkpoint_verifies(tmp_path, small_chunks):
     s = _setup(tmp_path)
     report = verify(str(tmp_path))
     assert report.ok and report.faults == []
-    assert report.chunks == 3 * s.g.chunks_per_shard
-    assert report.bytes_read == 3 * s.g.chunks_per_shard * chunk_nbytes(s.g, s.dt)
+    assert report.chunks == 3 * s.g.n_chunks
+    assert report.bytes_read == 3 * s.g.n_chunks * chunk_nbytes(s.g, s.dt)
 
 
 @pytest.mark.parametrize("where", ["data", "crc"])
 def test_flipped_byte_in_a_chunk(tmp_path, small_chunks, where):
     s = _setup(tmp_path)
-    c = _chunk_of(s.g, s.frag)
-    start = index_nbytes(s.g.chunks_per_shard) + c * chunk_nbytes(s.g, s.dt)
+    c = _chunk_of(s, s.frag)
+    start = index_nbytes(s.g.n_chunks) + c * chunk_nbytes(s.g, s.dt)
     _flip(s.path, start + (1 if where == "data" else chunk_nbytes(s.g, s.dt) - 2))
     report = _assert_detected(tmp_path, s.path, "a", CorruptDataError)
     assert any(f"chunk {c} fails its crc32c" in f for f in report.faults)
     # Tensors in other chunks stay readable: the damage is contained.
     fresh = CheckpointReader.open(str(tmp_path))
     for t in fresh.iter_tensors():
-        if not [f for f in t.fragments if f.rank == 1 and _chunk_of(s.g, f) == c]:
+        if not [f for f in t.fragments if f.rank == 1 and _chunk_of(s, f) == c]:
             np.testing.assert_array_equal(
                 fresh.read(t.name, "param"), s.reader.read(t.name, "param")
             )
@@ -194,7 +207,7 @@ def test_index_with_valid_crc_but_wrong_layout(tmp_path, small_chunks):
     # refused: zshard reads chunks at canonical offsets.
     s = _setup(tmp_path)
     raw = bytearray(s.path.read_bytes())
-    n = s.g.chunks_per_shard
+    n = s.g.n_chunks
     body = bytearray(raw[: n * 16])
     body[0:8], body[16:24] = body[16:24], body[0:8]
     raw[: n * 16] = body
@@ -209,10 +222,8 @@ def test_truncated_shard(tmp_path, small_chunks):
     raw = s.path.read_bytes()
     assert len(raw) == shard_nbytes(s.g, s.dt)
     # Cut inside the chunk that holds rank 1's part of "a"; every later chunk is gone too.
-    chunk = _chunk_of(s.g, s.frag)
-    s.path.write_bytes(
-        raw[: index_nbytes(s.g.chunks_per_shard) + chunk * chunk_nbytes(s.g, s.dt) + 5]
-    )
+    chunk = _chunk_of(s, s.frag)
+    s.path.write_bytes(raw[: index_nbytes(s.g.n_chunks) + chunk * chunk_nbytes(s.g, s.dt) + 5])
     report = _assert_detected(tmp_path, s.path, "a", (CorruptDataError, StorageError))
     assert any("truncated" in f for f in report.faults)
 
@@ -232,7 +243,7 @@ def test_corrupt_array_metadata_and_rank_state(tmp_path, small_chunks):
     assert reader.read_rank_state(1) == {"r": 1}
     step = tmp_path / reader.ref.name
     (step / "ranks" / "rank-00001.json").write_bytes(b'{"crc32c":"00000000","state":{"r":1}}')
-    (a,) = reader.manifest.arrays
+    (a,) = reader.manifest.stored
     meta = step / a.path / "zarr.json"
     meta.write_text(meta.read_text().replace('"float32"', '"float64"'))
     report = verify(str(tmp_path), all_faults=True)

@@ -16,9 +16,7 @@ def _comm(rank: int, world_size: int, local_world_size: int) -> Any:
     from zshard.train.zero import Comm
 
     if not dist.is_initialized():
-        dist.init_process_group(
-            "gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        )
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return Comm(
         None,
         rank,
@@ -44,7 +42,9 @@ def check_hierarchical_reduce(
         hier = Hierarchy(comm, lsz)
         for p in partitions:
             g = torch.Generator().manual_seed(1000 * rank + p)
-            base = torch.randn(world_size * p, generator=g) * torch.linspace(0.01, 3.0, world_size * p)
+            base = torch.randn(world_size * p, generator=g) * torch.linspace(
+                0.01, 3.0, world_size * p
+            )
             for dtype, bits in (
                 (torch.float32, None),
                 (torch.bfloat16, None),
@@ -59,8 +59,13 @@ def check_hierarchical_reduce(
                 comm.reduce_scatter(ref, ref_full)
                 # The worst-case error: each hop's half steps, summed over what it adds up.
                 red = HierarchicalReduceScatter(
-                    hier, bits=bits, block=64, dtype=dtype, max_partition=max(partitions),
-                    slots=2, device=torch.device("cpu"),
+                    hier,
+                    bits=bits,
+                    block=64,
+                    dtype=dtype,
+                    max_partition=max(partitions),
+                    slots=2,
+                    device=torch.device("cpu"),
                 )
                 got = torch.full((p,), 0.5)  # added to, as into a gradient partition
                 h = red.start(full, got)
@@ -102,7 +107,7 @@ def gpt_config(zero: dict[str, Any], *, steps: int, precision: str = "fp32", **o
         "data": {"name": "builtin", "seq_len": 32},
         "train": {"steps": steps, "micro_batch_size": 1, "global_batch_size": 8, "seed": 7},
         "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
-        "precision": precision,
+        "precision": {"dtype": precision},
         "zero": {"stage": 3, "param_persistence_threshold": 0, **zero},
         "dist": {"timeout_s": COLLECTIVE_TIMEOUT_S},
     }
@@ -131,7 +136,9 @@ def run_steps(engine: Any, dataset: Any, cfg: Any, steps: range) -> list[float]:
     for step in steps:
         total = 0.0
         for a in range(accum):
-            x, y = collate(dataset, sampler.micro_batch(step, engine.rank, engine.world_size, micro, a))
+            x, y = collate(
+                dataset, sampler.micro_batch(step, engine.rank, engine.world_size, micro, a)
+            )
             loss = engine(x, y)
             engine.backward(loss)
             total += float(loss.detach())
@@ -140,31 +147,94 @@ def run_steps(engine: Any, dataset: Any, cfg: Any, steps: range) -> list[float]:
     return losses
 
 
+class CallLog:
+    """While :attr:`on`: every collective ``Comm`` counts, in order, as ``(group, kind, bytes,
+    cross_node_bytes)`` where ``group`` is the flat group whose parameter gather started it (None
+    otherwise: gradient reductions, whose second qgZ hop starts lazily); ``"|"`` marks the end of
+    a micro step's backward; :attr:`reduced` lists the groups whose gradients were reduced."""
+
+    def __init__(self) -> None:
+        from zshard.train.zero import Comm, Stage3
+
+        self.on = False
+        self.calls: list[tuple[str | None, str, int, int]] = []
+        self.reduced: list[str] = []
+        self._group: str | None = None
+        log = self
+        count, start_gather = Comm._count, Stage3._start_gather
+        reduce, release_all = Stage3._reduce, Stage3.release_all
+
+        def _count(comm: Any, kind: str, nbytes: int, cross: int) -> None:
+            if log.on:
+                log.calls.append((log._group, kind, nbytes, cross))
+            count(comm, kind, nbytes, cross)
+
+        def _start_gather(s3: Any, g: Any, **kw: Any) -> Any:
+            log._group = g.name
+            try:
+                return start_gather(s3, g, **kw)
+            finally:
+                log._group = None
+
+        def _reduce(s3: Any, g: Any) -> None:
+            if log.on:
+                log.reduced.append(g.name)
+            reduce(s3, g)
+
+        def _release_all(s3: Any) -> None:
+            release_all(s3)
+            if log.on:
+                log.calls.append(("|", "", 0, 0))
+
+        Comm._count = _count  # type: ignore[method-assign]
+        Stage3._start_gather = _start_gather  # type: ignore[method-assign]
+        Stage3._reduce = _reduce  # type: ignore[method-assign]
+        Stage3.release_all = _release_all  # type: ignore[method-assign]
+
+
 def train_variants(
-    rank: int, world_size: int, node: int, names: list[str], steps: int, precision: str = "fp32"
+    rank: int,
+    world_size: int,
+    node: int,
+    names: list[str],
+    steps: int,
+    precision: str = "fp32",
+    log_step: int | None = None,
 ) -> dict[str, Any]:
     """Each ZeRO++ variant in ``names`` trained from the same seed for ``steps`` steps, with
-    nodes of ``node`` ranks: its losses, its last step's counters and memory report, and its
-    final master weights on this rank."""
+    nodes of ``node`` ranks and native collectives (each kind counted as itself): its losses,
+    time, last step's counters, memory report, the collectives of step ``log_step`` in order,
+    the flat groups' partition sizes and the final master weights of this rank."""
+    import os
     import time
 
     import zshard.train as zt
     from zshard.train.run._loop import build
 
     as_nodes(rank, node)
+    os.environ["ZSHARD_COLLECTIVES"] = "native"
+    log = CallLog()
     out: dict[str, Any] = {}
     for name in names:
         cfg = gpt_config(ZEROPP[name], steps=steps, precision=precision)
         factory, dataset, _ = build(cfg)
         engine = zt.initialize(None, cfg, model_factory=factory)
         t0 = time.perf_counter()
-        losses = run_steps(engine, dataset, cfg, range(steps))
+        losses: list[float] = []
+        for step in range(steps):
+            log.on = step == log_step
+            losses += run_steps(engine, dataset, cfg, range(step, step + 1))
+            log.on = False
         state = engine.state_tensors()
         out[name] = {
             "losses": losses,
             "seconds": time.perf_counter() - t0,
             "stats": engine.stats(),
             "memory": engine.memory_report(),
+            "calls": [c for c in log.calls if c[1] != "all_reduce"],  # not the norm
+            "reduced": list(log.reduced),
+            "partitions": {g.name: g.partition_numel for g in engine.groups},
+            "itemsize": torch.empty((), dtype=engine.dtype).element_size(),
             # numpy: torch tensors would travel through shared memory that dies with the rank
             "master": {
                 f"{g}/{kind}": t.detach().float().numpy().copy()
@@ -172,5 +242,78 @@ def train_variants(
                 if kind in ("master", "param")
             },
         }
+        log.calls.clear()
+        log.reduced.clear()
         engine.close()
     return out
+
+
+def check_fp16_overflow(rank: int, world_size: int, node: int) -> dict[str, Any]:
+    """fp16 with all of ZeRO++: a rank's inf loss (as an fp16 overflow gives) skips the step on
+    every rank and halves the loss scale, as without ZeRO++."""
+    import math
+
+    import zshard.train as zt
+    from zshard.train.data import GlobalBatchSampler, collate
+    from zshard.train.run._loop import build
+
+    as_nodes(rank, node)
+    cfg = gpt_config(
+        ZEROPP["all"],
+        steps=4,
+        precision="fp16",
+        precision__loss_scale={"initial_scale_power": 8, "hysteresis": 1},
+    )
+    factory, dataset, _ = build(cfg)
+    engine = zt.initialize(None, cfg, model_factory=factory)
+    micro, accum, global_batch = cfg.train.resolve_batch(world_size)
+    sampler = GlobalBatchSampler(len(dataset), global_batch, cfg.train.seed)
+    stepped, scales = [], []
+    for step in range(4):
+        for a in range(accum):
+            x, y = collate(dataset, sampler.micro_batch(step, rank, world_size, micro, a))
+            loss = engine(x, y)
+            if step == 2 and rank == 1:
+                loss = loss * math.inf
+            engine.backward(loss)
+        stepped.append(engine.step())
+        scales.append(engine.scaler.scale)
+    out = {"stepped": stepped, "scales": scales, "skipped": engine.skipped_steps}
+    engine.close()
+    return out
+
+
+def train_and_save(
+    rank: int,
+    world_size: int,
+    node: int,
+    name: str,
+    steps: int,
+    save_at: int,
+    ckpt: str,
+    resume_from: str | None = None,
+) -> dict[str, Any]:
+    """Variant ``name`` (after loading ``resume_from`` if given) trained to ``steps``, saving
+    into ``ckpt`` after step ``save_at``; the losses of the steps it ran."""
+    import zshard.train as zt
+    from zshard.train.run._loop import build
+
+    as_nodes(rank, node)
+    cfg = gpt_config(ZEROPP[name], steps=steps)
+    factory, dataset, _ = build(cfg)
+    engine = zt.initialize(None, cfg, model_factory=factory)
+    if resume_from is not None:
+        engine.load(resume_from)
+    start = engine.global_step
+    losses: list[float] = []
+    for step in range(start, steps):
+        losses += run_steps(engine, dataset, cfg, range(step, step + 1))
+        if step + 1 == save_at:
+            engine.save(ckpt)
+    engine.close()
+    return {"start": start, "losses": losses}
+
+
+def run_all(rank: int, world_size: int, calls: list[tuple[str, tuple]]) -> list[Any]:
+    """Several checks in one process group (start-up costs seconds): their results, in order."""
+    return [globals()[name](rank, world_size, *args) for name, args in calls]

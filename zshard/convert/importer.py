@@ -133,10 +133,14 @@ def import_source(
         name=step_dir_name(step),
     )
     writer.prepare()
+    by_key = {(g.name, kind): (g, members) for g, kind, members in plan}
     try:
-        for g, kind, members in plan:
-            for rank in range(world_size):
-                _write_import_shard(writer, source, g, kind, rank, members, progress)
+        # Rank by rank, each stored array's groups in their order: one shard open at a time.
+        for rank in range(world_size):
+            for s in writer.stored:
+                for gname, _ in s.segments:
+                    g, members = by_key[(gname, s.kind)]
+                    _write_import_shard(writer, source, g, s.kind, rank, members, progress)
         writer.commit(source.state)
     except BaseException:
         # Nothing was committed; remove the partial step directory so it leaves no trace, and

@@ -29,14 +29,26 @@ def summarize(ckpt: str) -> dict[str, Any]:
     return {
         "url": reader.url,
         "step": m.step,
-        "format_version": 1,
+        "format_version": m.format_version,
         "zshard_version": m.zshard_version,
         "created": m.created,
         "world_size": m.layout.world_size,
         "stage": m.layout.stage,
         "groups": [
-            {"name": g.name, "partition_numel": g.partition_numel, "chunk_numel": g.chunk_numel}
+            {"name": g.name, "partition_numel": g.partition_numel}
+            | ({"chunk_numel": g.chunk_numel} if m.format_version == 1 else {})
             for g in m.layout.groups
+        ],
+        "arrays": [
+            {
+                "path": s.path,
+                "kind": s.kind,
+                "dtype": s.dtype,
+                "shard_numel": s.shard_numel,
+                "chunk_numel": s.chunk_numel,
+                "groups": len(s.segments),
+            }
+            for s in m.stored
         ],
         "tensors": tensors,
         "ties": dict(m.ties),

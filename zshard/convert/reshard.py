@@ -102,10 +102,13 @@ def reshard(
             f"{reader.url}: the output would replace the source checkpoint; pass another --out"
         )
     writer.prepare()
+    by_key = {(a.group, a.kind): a for a in arrays}
     try:
-        for a in arrays:
-            for rank in range(to):
-                _write_shard(reader, writer, a, rank, progress)
+        # Rank by rank, each stored array's groups in their order: one shard open at a time.
+        for rank in range(to):
+            for s in writer.stored:
+                for group, _ in s.segments:
+                    _write_shard(reader, writer, by_key[(group, s.kind)], rank, progress)
         for r in range(to if m.rank_state else 0):
             # Per-rank state (RNG) follows its rank where it exists; new ranks start empty.
             writer.write_rank_state(reader.read_rank_state(r) if r < m.rank_state else {}, r)

@@ -183,10 +183,11 @@ def _create_exclusive(storage: Storage, data: bytes, key: str = LOCK_KEY) -> boo
         with translate_errors(storage.url, key):
             os.makedirs(storage.root, exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+            # No fsync: a lock guards live processes only. After a crash of the machine every
+            # holder is dead, and a lock file whose content did not survive reads as "not a
+            # zshard lock", which is stale, like a dead holder's.
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             try:
                 os.link(tmp, path)  # atomic, fails if the name exists, never half-written
                 return True

@@ -173,7 +173,9 @@ class StoredArray:
 
 def plan_stored(layout: Layout, arrays: Sequence[ArrayEntry]) -> list[StoredArray]:
     """Format 2: one stored array per (state kind, dtype), in order of first appearance in
-    ``arrays``; its groups in layout order, end to end (``layout.plan_shard``)."""
+    ``arrays``; its groups in layout order, end to end (``layout.plan_shard``), in chunks no
+    larger than the largest of its groups' own (``plan_partition``'s, at most 2^20 elements):
+    an array of one group is chunked exactly as that group's partition."""
     order = {g.name: i for i, g in enumerate(layout.groups)}
     by_key: dict[tuple[str, str], list[str]] = {}
     for a in arrays:
@@ -181,8 +183,10 @@ def plan_stored(layout: Layout, arrays: Sequence[ArrayEntry]) -> list[StoredArra
     out = []
     for (kind, dt), groups in by_key.items():
         groups.sort(key=lambda g: order.get(g, len(order)))
+        known = [layout.group(g) for g in groups if g in order]
         parts = [(g, layout.group(g).partition_numel if g in order else 1) for g in groups]
-        shard, chunk, bases = plan_shard(parts)
+        target = max((g.chunk_numel for g in known), default=1)
+        shard, chunk, bases = plan_shard(parts, target)
         out.append(StoredArray(kind, dt, chunk, shard, tuple(bases)))
     return out
 
@@ -231,6 +235,12 @@ class Manifest:
     stored: list[StoredArray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.stored:
+            plan = v1_stored if self.format_version == 1 else plan_stored
+            try:
+                self.stored = plan(self.layout, self.arrays)
+            except ValueError:
+                self.stored = []  # an impossible plan: errors() says why
         if self.format_version >= 2:
             # Format 2 chunks the stored arrays; a group is recorded by its partition alone.
             lay = self.layout
@@ -240,12 +250,6 @@ class Manifest:
                     lay.stage,
                     tuple(FlatGroup(g.name, g.partition_numel, g.partition_numel) for g in lay.groups),
                 )
-        if not self.stored:
-            plan = v1_stored if self.format_version == 1 else plan_stored
-            try:
-                self.stored = plan(self.layout, self.arrays)
-            except ValueError:
-                self.stored = []  # an impossible plan: errors() says why
         self._where: dict[tuple[str, str], tuple[StoredArray, int]] = {}
 
     def array(self, group: str, kind: str) -> ArrayEntry:

@@ -61,7 +61,8 @@ def latest_name(root: Storage) -> str | None:
 
 
 def write_latest(root: Storage, name: str) -> None:
-    root.write_atomic(LATEST_KEY, f"{name}\n".encode())
+    # Advisory (readers fall back to listing): published whole by a rename, but not fsynced.
+    root.write_atomic(LATEST_KEY, f"{name}\n".encode(), durable=False)
 
 
 def apply_retention(root: Storage, keep_last: int) -> list[str]:

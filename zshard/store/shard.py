@@ -434,6 +434,11 @@ class ChunkCache:
     def get(self, key: str, index: int) -> np.ndarray | None:
         return self._chunks.get((key, index))
 
+    def pop(self, key: str, index: int) -> None:
+        chunk = self._chunks.pop((key, index), None)
+        if chunk is not None:
+            self._bytes -= chunk.nbytes
+
     def put(self, key: str, index: int, chunk: np.ndarray) -> None:
         old = self._chunks.pop((key, index), None)
         if old is not None:
@@ -449,79 +454,94 @@ class ChunkCache:
 def read_shard_range(
     storage: Storage,
     key: str,
-    group: FlatGroup,
+    group: FlatGroup | Geometry,
     dt: DType,
     start: int,
     out: np.ndarray,
     where: str,
     check_index_bytes: bool = True,
     cache: ChunkCache | None = None,
+    readahead: int = 0,
 ) -> None:
     """Fill ``out`` with shard elements ``[start, start + out.size)``, verifying every chunk read.
 
     Only the chunks that overlap the range are read, in one ranged request; whole chunks land
-    directly in ``out``. A partly used first or last chunk is served from ``cache`` when a
-    previous read kept it. ``where`` names the tensor or array for error messages.
+    directly in ``out``. Chunks a previous read kept in ``cache`` (partly used edges, chunks
+    read ahead) are served from it. ``readahead`` more chunks after the range are read in the
+    same request and kept in ``cache`` (remote stores: few large requests instead of one per
+    tensor). ``where`` names the tensor or array for error messages.
     """
     n = out.size
     if n == 0:
         return
-    c = group.chunk_numel
+    geo = geometry(group, dt)
+    c = geo.chunk_numel
     isz = dt.itemsize
     first, last = start // c, (start + n - 1) // c
     out_bytes = out.reshape(-1).data.cast("B")
 
-    def partial_bounds(i: int) -> tuple[int, int, int] | None:
-        """(from, to) bytes within chunk ``i`` and where they go in ``out``; None if whole."""
+    def bounds(i: int) -> tuple[int, int, int]:
+        """(from, to) bytes within chunk ``i`` that the range uses, and where they go in out."""
         lo, hi = i * c, (i + 1) * c
-        if lo >= start and hi <= start + n:
-            return None
         a, b = max(lo, start), min(hi, start + n)
         return (a - lo) * isz, (b - lo) * isz, (a - start) * isz
 
-    # Serve the partly used edge chunks a previous read kept; read only what remains.
-    for i in {first, last}:
-        bounds = partial_bounds(i)
-        cached = cache.get(key, i) if cache is not None and bounds else None
-        if cached is not None and bounds is not None:
-            a, b, dst = bounds
-            out_bytes[dst : dst + (b - a)] = cached.data[a:b]
-            if i == first:
-                first += 1
-            else:
-                last -= 1
-    size = chunk_nbytes(group, dt)
-    base = index_nbytes(group.chunks_per_shard)
-    buffers: list[memoryview] = []
-    checks: list[tuple[memoryview, bytearray]] = []  # (chunk bytes, stored crc32c)
-    partial: list[tuple[int, np.ndarray, int, int, int]] = []  # chunk, scratch, from, to, dst
+    def whole(i: int) -> bool:
+        return i * c >= start and (i + 1) * c <= start + n
+
+    # Serve what the cache holds; read only the span of chunks that remains.
+    missing = []
     for i in range(first, last + 1):
+        cached = cache.get(key, i) if cache is not None else None
+        if cached is None:
+            missing.append(i)
+            continue
+        a, b, dst = bounds(i)
+        out_bytes[dst : dst + (b - a)] = cached.data[a:b]
+        if whole(i) and cache is not None:
+            cache.pop(key, i)  # used up: a read ahead chunk is read once
+    if check_index_bytes:
+        try:
+            check_index(storage.read_range(key, 0, geo.index_nbytes), geo, dt, where)
+        except (StorageError, CorruptDataError) as e:
+            raise type(e)(f"{where}: {e}") from None
+    if not missing:
+        return
+    lo_i, hi_i = missing[0], missing[-1]
+    if cache is not None and readahead:
+        for i in range(hi_i + 1, min(geo.n_chunks, hi_i + 1 + readahead)):
+            if cache.get(key, i) is not None:
+                break
+            hi_i = i
+    size = geo.chunk_data_nbytes
+    buffers: list[memoryview] = []
+    checks: list[tuple[int, memoryview, bytearray]] = []  # (chunk, chunk bytes, stored crc32c)
+    kept: list[tuple[int, np.ndarray]] = []  # chunks read into scratch: edges, read ahead
+    for i in range(lo_i, hi_i + 1):
         crc_buf = bytearray(CRC_NBYTES)
-        bounds = partial_bounds(i)
-        if bounds is None:
-            lo = i * c
-            view = out_bytes[(lo - start) * isz : (lo - start + c) * isz]
+        if i <= last and whole(i):
+            view = out_bytes[(i * c - start) * isz : ((i + 1) * c - start) * isz]
         else:
-            scratch = np.empty(c * isz, dtype=np.uint8)  # no zero fill: the read overwrites it
+            scratch = np.empty(size, dtype=np.uint8)  # no zero fill: the read overwrites it
             view = scratch.data
-            partial.append((i, scratch, *bounds))
+            kept.append((i, scratch))
         buffers += [view, memoryview(crc_buf)]
-        checks.append((view, crc_buf))
+        checks.append((i, view, crc_buf))
     try:
-        if check_index_bytes:
-            check_index(storage.read_range(key, 0, base), group, dt, where)
-        if buffers:
-            storage.readinto(key, base + first * size, buffers)
+        storage.readinto(key, geo.chunk_offset(lo_i), buffers)
     except (StorageError, CorruptDataError) as e:
         raise type(e)(f"{where}: {e}") from None
-    for k, (view, stored) in enumerate(checks):
+    for i, view, stored in checks:
         if np.uint32(crc(view)).tobytes() != bytes(stored):
-            raise CorruptDataError(
-                f"{where}: chunk {first + k} of shard {key} fails its crc32c checksum"
-            )
-    for i, scratch, a, b, dst in partial:
-        out_bytes[dst : dst + (b - a)] = scratch.data[a:b]
-        if cache is not None:
+            if i > last:  # read ahead, not asked for: leave it to the read that needs it
+                kept = [(j, s) for j, s in kept if j < i]
+                break
+            raise CorruptDataError(f"{where}: chunk {i} of shard {key} fails its crc32c checksum")
+    for i, scratch in kept:
+        if i <= last:
+            a, b, dst = bounds(i)
+            out_bytes[dst : dst + (b - a)] = scratch.data[a:b]
+        if cache is not None and (i > last or not whole(i)):
             cache.put(key, i, scratch)
 
 

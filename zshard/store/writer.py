@@ -2,15 +2,23 @@
 
 Protocol (docs/design.md, invariants 1 and 2)::
 
-    rank 0: prepare()           refuse a committed step, clear a crashed leftover of it
+    rank 0: prepare()           refuse a committed step, clear a crashed leftover of it, write
+                                the zarr metadata (durable with rank 0's shards)
     barrier
-    every rank: write_shard(...) for its own partitions only; write_rank_state(...)
+    every rank: write_rank_state(...); write_shard(...)/shard_writer(...) for its own
+                partitions only, in the order of the groups in each stored array
     barrier
-    rank 0: commit(state)      zarr metadata, then manifest.json (the commit), then `latest`
-                               and retention
+    rank 0: commit(state)      manifest.json (the commit), then `latest` and retention
 
 The writer needs no process group: the caller supplies the barriers (the engine uses
 torch.distributed; single-process tools just call the steps in order).
+
+Format 2 (docs/format.md): all flat groups of one (state kind, dtype) share one stored array, so
+a rank writes one shard per stored array, whatever the number of groups. ``write_shard(group,
+kind, data)`` writes that group's partition into its place in the shard; the shard is published
+once its last group is written. On a local disk the shards, the rank state and (rank 0) the
+zarr metadata of one rank become durable together when the rank's last shard is complete
+(``storage.SyncBatch``): their fsyncs are issued at once, then one fsync per directory.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import contextlib
 import datetime as _dt
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,13 +42,14 @@ from zshard.store.manifest import (
     MANIFEST_KEY,
     ArrayEntry,
     Manifest,
+    StoredArray,
     TensorEntry,
     frame_json,
     rank_state_key,
 )
 from zshard.store.root import apply_retention, step_dir_name, write_latest
-from zshard.store.shard import ShardWriter, array_metadata_bytes, shard_key, shard_nbytes
-from zshard.store.storage import Storage, open_storage
+from zshard.store.shard import Geometry, PackedShardWriter, array_metadata_bytes
+from zshard.store.storage import LocalStorage, Storage, SyncBatch, open_storage, run_all
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
@@ -47,6 +57,53 @@ _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": 
 def encode_bytes(data: bytes) -> str:
     """Binary blobs (RNG states) travel in JSON state as base64 text."""
     return base64.b64encode(data).decode()
+
+
+def stored_geometry(s: StoredArray) -> Geometry:
+    return Geometry(s.shard_numel, s.chunk_numel, dtypes.dtype(s.dtype).itemsize)
+
+
+@dataclass
+class _OpenShard:
+    """One rank's shard of one stored array while its groups are being written."""
+
+    stored: StoredArray
+    rank: int
+    writer: PackedShardWriter
+    done: set[str] = field(default_factory=set)  # groups written
+
+
+class SegmentWriter:
+    """Streams one group's partition into its place in a shard: ``write`` 1-D pieces (at most
+    the partition's elements in all), then ``close`` (zero-fills the rest of the partition;
+    publishes the shard if this was its last group) or ``abort``."""
+
+    def __init__(self, owner: CheckpointWriter, shard: _OpenShard, group: str, base: int) -> None:
+        self._owner = owner
+        self._shard = shard
+        self.group = group
+        self._end = base + owner.manifest.layout.group(group).partition_numel
+        self.nbytes = (self._end - base) * dtypes.dtype(shard.stored.dtype).itemsize
+        shard.writer.skip_to(base)
+
+    def write(self, piece: np.ndarray) -> None:
+        if self._shard.writer.position + piece.size > self._end:
+            raise ValueError(
+                f"{self._shard.writer.where}: group {self.group!r}: more elements than its "
+                "partition holds"
+            )
+        self._shard.writer.write(piece)
+
+    def close(self) -> None:
+        try:
+            self._shard.writer.skip_to(self._end)
+        except BaseException:
+            self.abort()
+            raise
+        self._owner._segment_done(self._shard, self.group)
+
+    def abort(self) -> None:
+        self._owner._abort_shard(self._shard)
 
 
 class CheckpointWriter:
@@ -88,11 +145,21 @@ class CheckpointWriter:
             raise ManifestError(f"checkpoint plan for step {step}: {errs[0]}")
         self._has_rank_state = False
         self._lock: RootLock | None = None  # held from prepare() to commit()/abort() (rank 0)
+        self._open: dict[tuple[str, int], _OpenShard] = {}
+        self._closed: set[tuple[str, int]] = set()  # shards published (or handed to a batch)
+        self._failed: set[tuple[str, int]] = set()
+        self._batches: dict[int, SyncBatch] = {}  # per rank, local disks only
+        self._meta_written = False
+
+    @property
+    def stored(self) -> list[StoredArray]:
+        return self.manifest.stored
 
     # -- rank 0, before the first barrier --------------------------------------------------------
 
     def prepare(self) -> None:
-        """Refuse to replace a committed checkpoint (unless overwrite) and clear a leftover.
+        """Refuse to replace a committed checkpoint (unless overwrite) and clear a leftover;
+        write the zarr metadata (made durable with rank 0's shards).
 
         Also takes the root's lock (lock.py) until ``commit`` or ``abort``, so two runs never
         write into one root at once; a root already locked by this run (the ``zshard train``
@@ -110,6 +177,7 @@ class CheckpointWriter:
                 # half-replaced.
                 self.dir.remove_tree(MANIFEST_KEY)
             self.dir.remove_tree("")
+            self._write_metadata(self._batch(0))
         except BaseException:
             self._release_lock()
             raise
@@ -117,6 +185,10 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Give up an uncommitted save: remove its step directory and release the root lock."""
         try:
+            for shard in list(self._open.values()):
+                self._abort_shard(shard)
+            for batch in self._batches.values():
+                batch.discard()
             with contextlib.suppress(ZshardError):
                 self.dir.remove_tree("")
         finally:
@@ -127,20 +199,65 @@ class CheckpointWriter:
         if lock is not None:
             lock.release()
 
+    def _batch(self, rank: int) -> SyncBatch | None:
+        if not isinstance(self.dir, LocalStorage):
+            return None
+        return self._batches.setdefault(rank, SyncBatch())
+
+    def _write_metadata(self, batch: SyncBatch | None) -> None:
+        """The zarr hierarchy: the step directory and ``data/`` as groups, one array each."""
+        m = self.manifest
+        world = m.layout.world_size
+        files = {"zarr.json": _GROUP_META, "data/zarr.json": _GROUP_META}
+        for s in m.stored:
+            meta = array_metadata_bytes(
+                stored_geometry(s), world, dtypes.dtype(s.dtype), s.key_separator
+            )
+            files[f"{s.path}/zarr.json"] = meta
+        if batch is not None:
+            for key, data in files.items():
+                self.dir.write_atomic(key, data, batch=batch)
+        else:
+            run_all([lambda k=k, d=d: self.dir.write_atomic(k, d) for k, d in files.items()])
+        self._meta_written = True
+
     # -- every rank --------------------------------------------------------------------------
 
     def array(self, group: str, kind: str) -> ArrayEntry:
         return self.manifest.array(group, kind)
 
-    def shard_writer(self, group: str, kind: str, rank: int | None = None) -> ShardWriter:
-        """A streaming writer for one shard (default: this rank's partition)."""
-        a = self.manifest.array(group, kind)
-        g = self.manifest.layout.group(group)
+    def shard_writer(self, group: str, kind: str, rank: int | None = None) -> SegmentWriter:
+        """A streaming writer for one group's partition (default: this rank's) of ``kind``.
+
+        The groups of one stored array must be written in their order (``stored[..].segments``,
+        the layout's order); a group left out would leave its shard incomplete."""
         r = self.rank if rank is None else rank
-        return ShardWriter(self.dir, shard_key(a.path, r), g, dtypes.dtype(a.dtype))
+        try:
+            s, base = self.manifest.locate(group, kind)
+        except KeyError:
+            raise ZshardError(f"no array for group {group!r} and kind {kind!r}") from None
+        key = (s.path, r)
+        if key in self._failed:
+            raise ZshardError(f"{self.dir.url}/{s.shard_key(r)}: this shard's write failed")
+        if key in self._closed:
+            raise ZshardError(f"{self.dir.url}/{s.shard_key(r)}: group {group!r} written twice")
+        shard = self._open.get(key)
+        if shard is None:
+            geo = stored_geometry(s)
+            sink = self.dir.open_positional(s.shard_key(r), geo.nbytes, self._batch(r))
+            where = f"shard {s.shard_key(r)}"
+            shard = _OpenShard(s, r, PackedShardWriter(sink, geo, dtypes.dtype(s.dtype), where))
+            self._open[key] = shard
+        if group in shard.done:
+            raise ZshardError(f"{self.dir.url}/{s.shard_key(r)}: group {group!r} written twice")
+        try:
+            return SegmentWriter(self, shard, group, base)
+        except BaseException:
+            self._abort_shard(shard)
+            raise
 
     def write_shard(self, group: str, kind: str, data: np.ndarray, rank: int | None = None) -> int:
-        """Write a whole partition (storage dtype, 1-D, zero-padded); returns bytes written."""
+        """Write a whole partition (storage dtype, 1-D, zero-padded); returns its bytes."""
         w = self.shard_writer(group, kind, rank)
         try:
             w.write(data.reshape(-1))
@@ -150,10 +267,54 @@ class CheckpointWriter:
         w.close()
         return w.nbytes
 
+    def _segment_done(self, shard: _OpenShard, group: str) -> None:
+        shard.done.add(group)
+        if len(shard.done) < len(shard.stored.segments):
+            return
+        key = (shard.stored.path, shard.rank)
+        del self._open[key]
+        try:
+            shard.writer.close()
+        except BaseException:
+            self._failed.add(key)
+            raise
+        self._closed.add(key)
+        if self._rank_complete(shard.rank):
+            self._flush(shard.rank)
+
+    def _abort_shard(self, shard: _OpenShard) -> None:
+        key = (shard.stored.path, shard.rank)
+        self._open.pop(key, None)
+        self._failed.add(key)
+        shard.writer.abort()
+
+    def _rank_complete(self, rank: int) -> bool:
+        return all((s.path, rank) in self._closed for s in self.manifest.stored)
+
+    def _flush(self, rank: int) -> None:
+        batch = self._batches.get(rank)
+        if batch is not None:
+            batch.flush()
+
     def write_rank_state(self, state: dict[str, Any], rank: int | None = None) -> None:
+        """This rank's state (RNG). Written before the rank's shards, it is made durable with
+        them; after them, on its own."""
         r = self.rank if rank is None else rank
-        self.dir.write_atomic(rank_state_key(r), frame_json(state))
+        batch = None if self._rank_complete(r) else self._batch(r)
+        if batch is not None:
+            self.dir.write_atomic(rank_state_key(r), frame_json(state), batch=batch)
+        else:
+            self.dir.write_atomic(rank_state_key(r), frame_json(state))
         self._has_rank_state = True
+
+    def finish(self) -> None:
+        """Make everything this writer wrote durable (the engine calls it before the barrier;
+        a rank's last shard does it anyway). Raises if a shard was left incomplete."""
+        if self._open:
+            left = sorted(f"{s.stored.shard_key(s.rank)}" for s in self._open.values())
+            raise CorruptDataError(f"{self.dir.url}: shards left incomplete: {', '.join(left)}")
+        for rank in list(self._batches):
+            self._flush(rank)
 
     # -- rank 0, after the data barrier ------------------------------------------------------
 
@@ -165,7 +326,7 @@ class CheckpointWriter:
         rank_state: bool | None = None,
         update_latest: bool = True,
     ) -> Manifest:
-        """Check every shard is present, then write metadata, the manifest and ``latest``."""
+        """Check every shard is present, then write the manifest and ``latest``."""
         try:
             return self._commit(state, keep_last, rank_state, update_latest)
         finally:
@@ -180,18 +341,23 @@ class CheckpointWriter:
     ) -> Manifest:
         m = self.manifest
         world = m.layout.world_size
+        if self._open:  # incomplete shards of this process: never publish them
+            self.finish()
+        for rank in list(self._batches):
+            self._flush(rank)
         m.state = dict(state or {})
         m.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         m.zshard_version = __version__
         if rank_state is None:
             rank_state = self._has_rank_state or self.dir.exists(rank_state_key(0))
         m.rank_state = world if rank_state else 0
-        for a in m.arrays:
-            present = set(self.dir.listdir(f"{a.path}/c"))
-            missing = [r for r in range(world) if str(r) not in present]
+        listings = run_all([lambda s=s: set(self.dir.listdir(s.path)) for s in m.stored])
+        for s, present in zip(m.stored, listings):
+            names = {s.shard_key(r).rpartition("/")[2]: r for r in range(world)}
+            missing = sorted(r for name, r in names.items() if name not in present)
             if missing:
                 raise CorruptDataError(
-                    f"{self.dir.url}/{a.path}: shards of ranks {missing} were not written; "
+                    f"{self.dir.url}/{s.path}: shards of ranks {missing} were not written; "
                     "not committing"
                 )
         if rank_state:
@@ -199,14 +365,11 @@ class CheckpointWriter:
             if missing:
                 raise CorruptDataError(f"{self.dir.url}: rank state of ranks {missing} missing")
         body = m.to_bytes()
-        self.dir.write_atomic("zarr.json", _GROUP_META)
-        self.dir.write_atomic("data/zarr.json", _GROUP_META)
-        for g in m.layout.groups:
-            self.dir.write_atomic(f"data/{g.name}/zarr.json", _GROUP_META)
-        for a in m.arrays:
-            g = m.layout.group(a.group)
-            meta = array_metadata_bytes(g, world, dtypes.dtype(a.dtype))
-            self.dir.write_atomic(f"{a.path}/zarr.json", meta)
+        if not self._meta_written:
+            batch = self._batch(0)
+            self._write_metadata(batch)
+            if batch is not None:
+                batch.flush()
         self.dir.write_atomic(MANIFEST_KEY, body)  # the commit point
         if update_latest:
             write_latest(self.root, self.name)
@@ -216,7 +379,8 @@ class CheckpointWriter:
 
     def total_bytes(self) -> int:
         m = self.manifest
-        return sum(
-            shard_nbytes(m.layout.group(a.group), dtypes.dtype(a.dtype)) * m.layout.world_size
-            for a in m.arrays
-        )
+        return sum(stored_geometry(s).nbytes for s in m.stored) * m.layout.world_size
+
+    def files_per_rank(self) -> int:
+        """Objects each rank writes: one shard per stored array, and its rank state if any."""
+        return len(self.manifest.stored) + (1 if self._has_rank_state else 0)

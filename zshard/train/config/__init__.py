@@ -5,7 +5,9 @@ overrides, and the mapping of DeepSpeed configs onto it.
     cfg, not_applied = load_with_deepspeed("train.yaml", world_size=8)  # honours `deepspeed:`
 """
 
-from zshard.train.config._deepspeed import AUTO, RULES, Rule, from_deepspeed, prefetch_modules
+from zshard.train.config._deepspeed import from_deepspeed, prefetch_modules
+from zshard.train.config._ds_rule import AUTO, Rule
+from zshard.train.config._ds_table import RULES
 from zshard.train.config._load import load_config, read_yaml
 from zshard.train.config._lrsched import DS_SCHEDULES, schedule_params
 from zshard.train.config._resolve import (
@@ -23,16 +25,18 @@ from zshard.train.config._schema import (
     DistConfig,
     LossScaleConfig,
     ModelConfig,
-    OffloadDevice,
-    OffloadOptimizerConfig,
-    OffloadParamConfig,
     OptimizerConfig,
     Precision,
     PrecisionConfig,
     SchedulerConfig,
     TrainConfig,
-    ZeroConfig,
     ZshardConfig,
+)
+from zshard.train.config._sections_zero import (
+    OffloadDevice,
+    OffloadOptimizerConfig,
+    OffloadParamConfig,
+    ZeroConfig,
 )
 
 __all__ = [

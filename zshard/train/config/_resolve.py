@@ -24,11 +24,11 @@ from zshard.train.config._deepspeed import (
     SHORTHAND,
     _map,
     _put,
-    _show,
     _unconverted_note,
     auto_notes,
     prefetch_modules,
 )
+from zshard.train.config._ds_rule import show
 from zshard.train.config._load import load_config, read_yaml
 from zshard.train.config._schema import ZshardConfig
 from zshard.train.models.stats import ModelStats, model_stats
@@ -133,9 +133,7 @@ def apply_deepspeed(
         if not present:
             _put(merged, dotted, copy.deepcopy(value))
         elif current != value:
-            ignored.append(
-                f"{m.origin[dotted]} (the zshard config sets {dotted}: {_show(current)})"
-            )
+            ignored.append(f"{m.origin[dotted]} (the zshard config sets {dotted}: {show(current)})")
     unconverted = m.pending.get("unconverted_prefetch")
     if unconverted is not None:
         ds_key, bucket = unconverted

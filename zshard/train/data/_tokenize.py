@@ -287,22 +287,11 @@ def fingerprint(inputs: Inputs, split: str, text_field: str, tok: Tokenizer, dty
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    """``data`` as JSON at local ``path``, published whole and durably by the store's atomic
+    write (temporary name, fsync, rename, fsync of the directory)."""
+    head, name = os.path.split(path)
+    open_storage(head).write_atomic(name, json.dumps(data).encode())
 
 
 def complete_meta(out: str, fp: str | None = None) -> dict[str, Any] | None:
@@ -333,7 +322,7 @@ def _tokenize_into(
     desc: str,
 ) -> tuple[int, int, int]:
     """Tokenize ``source`` into ``partial`` (continuing a matching earlier run); returns
-    ``(tokens, documents, documents done before this run)``."""
+    ``(tokens, documents, documents done before this run)``. No tokens at all is a ConfigError."""
     from tqdm import tqdm
 
     np_dtype = DTYPES[dtype]
@@ -383,12 +372,15 @@ def _tokenize_into(
                 if unsaved >= SAVE_EVERY_BYTES:
                     f.flush()
                     os.fsync(f.fileno())
-                    _write_json_atomic(
-                        state_path, {"fingerprint": fp, "docs": docs, "tokens": tokens}
-                    )
+                    _write_json(state_path, {"fingerprint": fp, "docs": docs, "tokens": tokens})
                     unsaved = 0
         f.flush()
         os.fsync(f.fileno())
+    if tokens == 0:
+        _discard(partial)
+        raise ConfigError(
+            f"{source.what}: no tokens in split {source.split!r} of {source.inputs.first}"
+        )
     return tokens, docs, resumed
 
 
@@ -461,20 +453,21 @@ def tokenize(
     tokens, docs, resumed = _tokenize_into(
         partial, source, tok, dtype, fp, progress, f"tokenize {os.path.basename(out)}"
     )
-    if tokens == 0:
-        _discard(partial)
-        raise ConfigError(f"{what}: no tokens in split {split!r} of {src.first}")
     meta = _meta(fp, dtype, tok, tokens, docs, source)
     if remote:
         _upload(partial, head, name, meta)
     else:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(out + META_SUFFIX)  # a stale sidecar must never describe the new file
-        os.replace(partial, out)
-        _write_json_atomic(out + META_SUFFIX, meta)  # last: the sidecar marks it complete
-        _fsync_dir(os.path.dirname(out))
+        _publish(partial, out, meta)
     _discard(partial)
     return TokenizeResult(out, tokens, docs, dtype, tok.vocab_size, resumed)
+
+
+def _publish(partial: str, out: str, meta: dict[str, Any]) -> None:
+    """The finished local ``partial`` under its name ``out``, then its sidecar."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(out + META_SUFFIX)  # a stale sidecar must never describe the new file
+    os.replace(partial, out)
+    _write_json(out + META_SUFFIX, meta)  # last: the sidecar marks it complete
 
 
 def _discard(partial: str) -> None:
@@ -539,12 +532,7 @@ def cached_tokens(
         tokens, docs, _ = _tokenize_into(
             partial, source, tok, dtype, fp, progress, f"tokenize {stem} ({split})"
         )
-        if tokens == 0:
-            _discard(partial)
-            raise ConfigError(f"{what}: no tokens in split {split!r} of {src.first}")
-        os.replace(partial, out)
-        _write_json_atomic(out + META_SUFFIX, _meta(fp, dtype, tok, tokens, docs, source))
-        _fsync_dir(directory)
+        _publish(partial, out, _meta(fp, dtype, tok, tokens, docs, source))
         _discard(partial)
     return out
 

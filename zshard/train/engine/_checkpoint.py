@@ -50,7 +50,6 @@ from zshard.store import (
 )
 from zshard.store.dtypes import from_torch
 from zshard.store.root import join_url, latest_name
-from zshard.store.shard import shard_key
 from zshard.store.storage import open_storage
 from zshard.train.config import CheckpointConfig, ZshardConfig
 from zshard.train.offload import Offload, OffloadError, SwapArray
@@ -376,15 +375,43 @@ class _Write:
         return writer
 
     def _shards(self, writer: CheckpointWriter) -> None:
-        for (group, kind), data in self.snap.shards.items():
-            writer.write_shard(group, kind, data)
-        for (group, kind), src in self.snap.swapped.items():
-            src.copy_to(writer.dir, shard_key(writer.array(group, kind).path, self.rank))
+        # The rank state first: it then becomes durable with the shards, in one batch.
         writer.write_rank_state(self.snap.rank_state)
+        # One shard per stored array, its groups in order (format 2 packs them end to end).
+        for s in writer.stored:
+            for group, _ in s.segments:
+                key = (group, s.kind)
+                if key in self.snap.shards:
+                    writer.write_shard(group, s.kind, self.snap.shards[key])
+                elif key in self.snap.swapped:
+                    _copy_swapped(self.snap.swapped[key], writer, group, s.kind)
+                else:
+                    raise ZshardError(f"save(): no {s.kind} partition of group {group!r}")
+        writer.finish()
 
     def _commit(self, writer: CheckpointWriter) -> None:
         if self.rank == 0:
             writer.commit(self.snap.state, keep_last=self.cfg.keep_last)
+
+
+_SWAP_COPY_BYTES = 8 << 20
+
+
+def _copy_swapped(src: SwapArray, writer: CheckpointWriter, group: str, kind: str) -> None:
+    """An offloaded partition into its place in this rank's shard, a window at a time, every
+    chunk of the swap file verified on the way."""
+    w = writer.shard_writer(group, kind)
+    try:
+        window = max(1, _SWAP_COPY_BYTES // src.dt.itemsize)
+        buf = np.empty(min(window, src.numel), dtype=src.dt.numpy)
+        for lo in range(0, src.numel, window):
+            n = min(window, src.numel - lo)
+            src.read(lo, buf[:n])
+            w.write(buf[:n])  # returns only once nothing refers to buf any more
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
 
 
 class Checkpointer:

@@ -6,7 +6,8 @@ store shards (``_swap``), so checkpoints copy them byte for byte.
 """
 
 from zshard.train.offload._preflight import check_path, offload_bytes, preflight
-from zshard.train.offload._runtime import HostArray, Offload, OffloadError, any_rank
+from zshard.train.offload._runtime import Offload, any_rank
+from zshard.train.offload._stream import HostArray, OffloadError
 from zshard.train.offload._swap import SwapArray
 
 __all__ = [

@@ -21,7 +21,8 @@ path bit for bit.
 
 Stage-3 parameters are fetched before a module's forward and backward (``fetch``), read ahead by
 ``offload_param.buffer_count`` groups in the order the first step recorded (``prefetch``), and
-dropped after the all-gather unless ``max_in_memory`` elements of cache remain (``done``).
+dropped after the all-gather unless ``max_in_memory`` elements of cache remain (``done``): see
+``_fetch.py``. The arrays and the step's slot pipeline are in ``_stream.py``.
 
 Failure policy: any I/O error in a step raises :class:`OffloadError` on every rank (they agree
 before the parameter all-gather) and leaves the engine unusable (``step`` and ``save`` refuse)
@@ -38,130 +39,40 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import os
-import queue
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from zshard.errors import StorageError, ZshardError
 from zshard.store.dtypes import from_torch
-from zshard.store.layout import FlatGroup
-from zshard.store.reader import to_numpy
 from zshard.train.config import (
     OffloadOptimizerConfig,
     OffloadParamConfig,
     ZeroConfig,
 )
+from zshard.train.offload._fetch import ParamFetcher
 from zshard.train.offload._preflight import check_path, local_ranks, nvme_paths
-from zshard.train.offload._swap import (
-    ArrayWriter,
-    SwapArray,
-    SwapSpace,
-    new_run_id,
-    sweep_stale,
+from zshard.train.offload._stream import (
+    Array,
+    HostArray,
+    OffloadError,
+    Pipeline,
+    Plan,
+    Rewrite,
+    Source,
+    first_error,
+    read_into,
+    torch_dtype,
 )
+from zshard.train.offload._swap import SwapArray, SwapSpace, new_run_id, sweep_stale
 from zshard.train.optim import FlatOptimizer
 from zshard.train.zero import Comm, FlatParamGroup
 
 log = logging.getLogger("zshard.train")
 
 DEFAULT_WINDOW = 1 << 22  # elements per read/write window when no sub_group_size applies
-
-
-class OffloadError(StorageError):
-    """Offloaded state could not be read or written; the engine must restart from a checkpoint."""
-
-
-class HostArray:
-    """Device ``cpu``: one partition in host memory."""
-
-    def __init__(self, group: FlatGroup, kind: str, dtype: torch.dtype, pin: bool) -> None:
-        self.group = group
-        self.kind = kind
-        self.numel = group.partition_numel
-        self.tensor = torch.empty(self.numel, dtype=dtype, pin_memory=pin)
-        self.nbytes = self.numel * self.tensor.element_size()
-
-
-Array = Union[SwapArray, HostArray]
-Source = Union[torch.Tensor, SwapArray, HostArray]  # where a step reads or writes one kind
-
-
-def _torch_dtype(arr: Array) -> torch.dtype:
-    if isinstance(arr, HostArray):
-        return arr.tensor.dtype
-    dtype: torch.dtype = getattr(torch, arr.dt.name)
-    return dtype
-
-
-def _read(arr: SwapArray, start: int, out: torch.Tensor) -> None:
-    arr.read(start, to_numpy(out))
-
-
-class _Rewrite:
-    """Writes the next version of an array front to back (host memory: in place)."""
-
-    def __init__(self, arr: Array) -> None:
-        self.arr = arr
-        self._pos = 0
-        self._w: ArrayWriter | None = arr.writer() if isinstance(arr, SwapArray) else None
-
-    def write(self, t: torch.Tensor) -> None:
-        n = t.numel()
-        if self._w is not None:
-            self._w.write(to_numpy(t.detach().reshape(-1)))
-        else:
-            assert isinstance(self.arr, HostArray)
-            dest = self.arr.tensor[self._pos : self._pos + n]
-            if dest.data_ptr() != t.data_ptr():
-                dest.copy_(t.reshape(-1))
-        self._pos += n
-
-    def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-
-    def abort(self) -> None:
-        if self._w is not None:
-            self._w.abort()
-
-
-@dataclass
-class _Plan:
-    """Where one flat group's step reads and writes each role (value, state keys, param)."""
-
-    group: FlatParamGroup
-    value: Source  # fp32 values updated: the master, or the parameters themselves (fp32)
-    states: dict[str, Source]
-    param_out: Source | None  # the module-dtype copy of the new values (mixed precision)
-    grad: torch.Tensor
-    sub: int  # sub-group size in elements
-
-    def roles(self) -> list[tuple[str, Source]]:
-        out: list[tuple[str, Source]] = [("value", self.value)]
-        out += [(f"state:{k}", s) for k, s in self.states.items()]
-        return out
-
-    def reads(self) -> list[tuple[str, SwapArray]]:
-        return [(r, s) for r, s in self.roles() if isinstance(s, SwapArray)]
-
-    def writes(self) -> list[tuple[str, SwapArray]]:
-        out = self.reads()
-        if isinstance(self.param_out, SwapArray):
-            out.append(("param", self.param_out))
-        return out
-
-
-class _Aborted(Exception):
-    pass
-
-
-# -- the engine's offload -----------------------------------------------------------------------
 
 
 class Offload:
@@ -196,9 +107,15 @@ class Offload:
         self._slots: list[dict[str, torch.Tensor]] = [{} for _ in range(self.buffer_count)]
         self._io_read = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-offload-read")
         self._io_write = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-offload-write")
-        # Stage-3 parameter fetching.
-        self._fetching: dict[str, cf.Future[torch.Tensor]] = {}
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._params = ParamFetcher(
+            self.arrays,
+            self._io_read,
+            device=device,
+            rank=comm.rank,
+            pin=self._pin_par,
+            read_ahead=self.read_ahead,
+            max_in_memory=self.par.max_in_memory if self.par else 0,
+        )
         run_id = _agreed_run_id(comm, device)
         try:
             for url, key in nvme_paths(zero).items():
@@ -307,8 +224,8 @@ class Offload:
         arr = self.arrays[(g.name, kind)]
         if kind == "param":
             self.invalidate()
-        dtype, w = _torch_dtype(arr), self.window(g)
-        out = _Rewrite(arr)
+        dtype, w = torch_dtype(arr), self.window(g)
+        out = Rewrite(arr)
         try:
             for a in range(0, arr.numel, w):
                 b = min(arr.numel, a + w)
@@ -329,11 +246,11 @@ class Offload:
                 b = min(arr.numel, a + w)
                 edit(arr.tensor[a:b], a, b)
             return
-        buf = torch.empty(min(arr.numel, self.window(g)), dtype=_torch_dtype(arr))
+        buf = torch.empty(min(arr.numel, self.window(g)), dtype=torch_dtype(arr))
 
         def produce(a: int, b: int) -> torch.Tensor:
             t = buf[: b - a]
-            _read(arr, a, t)
+            read_into(arr, a, t)
             edit(t, a, b)
             return t
 
@@ -344,13 +261,13 @@ class Offload:
         arr = self.arrays[(g.name, kind)]
         if isinstance(arr, HostArray):
             return arr.tensor.clone()
-        t = torch.empty(arr.numel, dtype=_torch_dtype(arr))
-        _read(arr, 0, t)
+        t = torch.empty(arr.numel, dtype=torch_dtype(arr))
+        read_into(arr, 0, t)
         return t
 
     # -- the streamed optimizer step -----------------------------------------------------------
 
-    def _plan(self, g: FlatParamGroup, grad: torch.Tensor) -> _Plan:
+    def _plan(self, g: FlatParamGroup, grad: torch.Tensor) -> Plan:
         def held(kind: str, resident: torch.Tensor | None) -> Source:
             arr = self.arrays.get((g.name, kind))
             if arr is not None:
@@ -361,7 +278,7 @@ class Offload:
         value = held("param" if g.master_is_param else "master", g.master)
         states = {k: held(k, g.state.get(k)) for k in self.state_keys}
         param_out = None if g.master_is_param else held("param", g.param_part)
-        return _Plan(g, value, states, param_out, grad, self.window(g))
+        return Plan(g, value, states, param_out, grad, self.window(g))
 
     def _slot_buffer(
         self, slot: dict[str, torch.Tensor], role: str, dtype: torch.dtype, size: int
@@ -394,13 +311,13 @@ class Offload:
         for p in plans:
             for role, arr in p.writes():
                 for slot in self._slots:
-                    self._slot_buffer(slot, role, _torch_dtype(arr), size)
+                    self._slot_buffer(slot, role, torch_dtype(arr), size)
         items = [
             (p, a, min(p.group.partition_numel, a + p.sub))
             for p in plans
             for a in range(0, p.group.partition_numel, p.sub)
         ]
-        pipe = _Pipeline(self._slots, plans)
+        pipe = Pipeline(self._slots, plans)
         reads = [self._io_read.submit(pipe.read, p, a, b) for p, a, b in items]
         writes: list[cf.Future[Any]] = []
         try:
@@ -418,7 +335,7 @@ class Offload:
                 f.cancel()
             cf.wait([*reads, *writes])
             pipe.abort_writers()
-            cause = _first_error([*writes, *reads]) or e
+            cause = first_error([*writes, *reads]) or e
             self.broken = (
                 f"rank {self.rank}: optimizer step {step}: offloaded state I/O failed: {cause}; "
                 "the training state is inconsistent now: restart from the last checkpoint"
@@ -429,7 +346,7 @@ class Offload:
 
     def _compute(
         self,
-        p: _Plan,
+        p: Plan,
         a: int,
         b: int,
         slot: dict[str, torch.Tensor],
@@ -460,67 +377,21 @@ class Offload:
         if p.param_out is not None:
             window(p.param_out, "param").copy_(v)
 
-    # -- stage-3 parameters ---------------------------------------------------------------------
-
-    def _param_buffer(self, g: FlatParamGroup) -> tuple[SwapArray, torch.Tensor]:
-        # Allocated here, on the training thread, even for background reads: memory a thread
-        # allocates comes from that thread's malloc arena, and the reader's arena kept ~100 MB
-        # of freed partitions resident in the stage-3 benchmark.
-        arr = self.arrays[(g.name, "param")]
-        assert isinstance(arr, SwapArray)
-        return arr, torch.empty(arr.numel, dtype=g.dtype, pin_memory=self._pin_par)
-
-    @staticmethod
-    def _read_whole(arr: SwapArray, t: torch.Tensor) -> torch.Tensor:
-        _read(arr, 0, t)
-        return t
+    # -- stage-3 parameters (the zero.ParamSource protocol; see _fetch.py) -----------------------
 
     def fetch(self, g: FlatParamGroup) -> torch.Tensor:
-        """``g``'s parameter partition (P,) on the compute device, for one all-gather."""
-        arr = self.arrays[(g.name, "param")]
-        if isinstance(arr, HostArray):
-            return arr.tensor.to(self.device, non_blocking=True)
-        t = self._cache.pop(g.name, None)
-        if t is None:
-            future = self._fetching.pop(g.name, None)
-            try:
-                if future is not None:
-                    t = future.result()
-                else:
-                    t = self._read_whole(*self._param_buffer(g))
-            except ZshardError as e:
-                raise OffloadError(f"rank {self.rank}: fetching parameters: {e}") from e
-        return t.to(self.device, non_blocking=True)
+        return self._params.fetch(g)
 
     def prefetch(self, g: FlatParamGroup) -> None:
-        """Start reading ``g``'s partition in the background (at most ``read_ahead`` at once)."""
-        arr = self.arrays.get((g.name, "param"))
-        if (
-            not isinstance(arr, SwapArray)
-            or g.name in self._fetching
-            or g.name in self._cache
-            or len(self._fetching) >= self.read_ahead
-        ):
-            return
-        self._fetching[g.name] = self._io_read.submit(self._read_whole, *self._param_buffer(g))
+        self._params.prefetch(g)
 
     def done(self, g: FlatParamGroup, part: torch.Tensor) -> None:
-        """The all-gather of ``part`` finished: keep it cached if ``max_in_memory`` allows."""
         assert self.par is not None
-        budget = self.par.max_in_memory
-        if budget <= 0 or not isinstance(self.arrays.get((g.name, "param")), SwapArray):
-            return
-        self._cache[g.name] = part.to("cpu") if part.device.type != "cpu" else part
-        while sum(t.numel() for t in self._cache.values()) > budget:
-            self._cache.popitem(last=False)
+        self._params.done(g, part)
 
     def invalidate(self) -> None:
         """Forget fetched and prefetched partitions (their versions are about to change)."""
-        for f in self._fetching.values():
-            with contextlib.suppress(Exception):
-                f.result()
-        self._fetching.clear()
-        self._cache.clear()
+        self._params.invalidate()
 
     # -- checkpoints and accounting -------------------------------------------------------------
 
@@ -550,7 +421,7 @@ class Offload:
         """``offloaded``: bytes held off the rank's working set (host arrays or files);
         ``offload_buffers``: resident slots and cached parameter partitions."""
         slots = sum(t.numel() * t.element_size() for s in self._slots for t in s.values())
-        cached = sum(t.numel() * t.element_size() for t in self._cache.values())
+        cached = self._params.cached_bytes()
         return {
             "offloaded": sum(a.nbytes for a in self.arrays.values()),
             "offload_buffers": slots + cached,
@@ -563,76 +434,6 @@ class Offload:
         for space in self.spaces.values():
             space.close()
         self.spaces.clear()
-
-
-class _Pipeline:
-    """The I/O side of one streamed optimizer step: ``buffer_count`` slots cycle between the
-    reader thread (fills a free slot with a sub-group's stored values), the training thread
-    (updates it) and the writer thread (writes it back, then frees the slot). The first failure
-    sets ``abort``, which every thread checks, so none waits forever for a slot."""
-
-    def __init__(self, slots: list[dict[str, torch.Tensor]], plans: Sequence[_Plan]) -> None:
-        self.slots = slots
-        self.free: queue.Queue[int] = queue.Queue()
-        for i in range(len(slots)):
-            self.free.put(i)
-        self.abort = threading.Event()
-        self._plan_index = {id(p): k for k, p in enumerate(plans)}
-        self._writers: dict[tuple[int, str], _Rewrite] = {}  # (plan, role) -> its open rewrite
-
-    def check(self) -> None:
-        if self.abort.is_set():
-            raise _Aborted
-
-    def _acquire(self) -> int:
-        while not self.abort.is_set():
-            with contextlib.suppress(queue.Empty):
-                return self.free.get(timeout=0.05)
-        raise _Aborted
-
-    def read(self, p: _Plan, a: int, b: int) -> int:
-        """Reader thread: a free slot filled with elements [a, b) of every stored role."""
-        slot_id = self._acquire()
-        try:
-            for role, arr in p.reads():
-                _read(arr, a, self.slots[slot_id][role][: b - a])
-        except BaseException:
-            self.free.put(slot_id)
-            self.abort.set()
-            raise
-        return slot_id
-
-    def write(self, p: _Plan, a: int, b: int, slot_id: int) -> None:
-        """Writer thread: elements [a, b) of every written role appended to its rewrite, which
-        is published when the partition's last sub-group is written."""
-        k = self._plan_index[id(p)]
-        try:
-            for role, arr in p.writes():
-                w = self._writers.get((k, role))
-                if w is None:
-                    w = self._writers[(k, role)] = _Rewrite(arr)
-                w.write(self.slots[slot_id][role][: b - a])
-            if b == p.group.partition_numel:
-                for role, _ in p.writes():
-                    self._writers.pop((k, role)).close()
-        except BaseException:
-            self.abort.set()
-            raise
-        finally:
-            self.free.put(slot_id)
-
-    def abort_writers(self) -> None:
-        for w in self._writers.values():
-            w.abort()
-
-
-def _first_error(futures: Sequence[cf.Future[Any]]) -> BaseException | None:
-    for f in futures:
-        if f.done() and not f.cancelled():
-            e = f.exception()
-            if e is not None and not isinstance(e, _Aborted):
-                return e
-    return None
 
 
 def _agreed_run_id(comm: Comm, device: torch.device) -> str:
@@ -649,4 +450,4 @@ def any_rank(comm: Comm, device: torch.device, flag: bool) -> bool:
     return bool(t.item())
 
 
-__all__ = ["HostArray", "Offload", "OffloadError", "any_rank"]
+__all__ = ["Offload", "any_rank"]

@@ -88,14 +88,14 @@ def node_size(opts: ZeroPPOptions, world_size: int, local_world_size: int) -> in
     """Ranks per ZeRO++ node (``L``); a :class:`ConfigError` when the options do not fit."""
     h = opts.hpz_partition_size
     if h > 1:
-        if world_size % h:
-            raise ConfigError(
-                f"zero.hpz_partition_size: {h} does not divide the world size {world_size}"
-            )
         if h > local_world_size:
             raise ConfigError(
                 f"zero.hpz_partition_size: {h} exceeds the {local_world_size} ranks of a node "
                 "(LOCAL_WORLD_SIZE)"
+            )
+        if world_size % h:
+            raise ConfigError(
+                f"zero.hpz_partition_size: {h} does not divide the world size {world_size}"
             )
         if local_world_size % h:
             raise ConfigError(
