@@ -2,9 +2,10 @@
 
 Run from the repository root (results go to stdout as markdown tables)::
 
-    python tools/bench_store.py                   # 1 GiB of fp32 state, 5 rounds, ~5 minutes
-    python tools/bench_store.py --quick           # 64 MiB smoke run, under a minute
+    python tools/bench_store.py                   # 1 GiB of fp32 state, 5 rounds (+ S3 rounds)
+    python tools/bench_store.py --quick           # 64 MiB smoke run (16 MiB on S3), ~2 minutes
     python tools/bench_store.py --max-load 1.5    # on a shared machine: wait for quiet rounds
+    python tools/bench_store.py --no-s3           # without the moto S3 rounds
     python tools/bench_store.py --size-gb 2 --dir /mnt/scratch --repeats 3 --report out.md
 
 One run builds one transformer-like fp32 state dict (GPT-2-style names and shapes: two large
@@ -12,13 +13,20 @@ embeddings, many medium matrices, small norms and biases) and, on those same byt
 
 * save and load through ``CheckpointWriter``/``CheckpointReader`` for world size 1, and world
   size 2 simulated in this one process (rank 0's shard, then rank 1's: one process owns each
-  shard), the store's own fsync included; plus, as a diagnostic, loading whole shards;
+  shard), the store's own fsync included; the same bytes laid out as stage 3 lays them out (one
+  flat group per module, ~90 groups at 1 GiB), world size 1; plus, as a diagnostic, loading
+  whole shards; and the number of files each rank writes per checkpoint for each layout;
 * raw sequential I/O into one file + fsync (``tofile``/``np.fromfile`` per tensor, and 4 MiB
   writes/reads), ``torch.save`` + fsync / ``torch.load(weights_only=True)``, and
   ``torch.distributed.checkpoint`` without a process group (whose FileSystemWriter fsyncs every
   file by default);
 * ``consolidate(..., dtype="fp32")`` versus "read everything, then ``safetensors`` save_file",
-  each in a fresh child process that reports its own peak RSS and its RSS after imports.
+  each in a fresh child process that reports its own peak RSS and its RSS after imports;
+* S3 (unless ``--no-s3``): a moto server in its own process on 127.0.0.1; the store's save
+  (concurrent multipart uploads) and load (concurrent ranged GETs) of the state (``--s3-size-gb``,
+  default 0.25 GiB) against s3fs ``put_file`` / ``cat_file`` of the same bytes as one object
+  (s3fs's own concurrent multipart upload and ranged GETs for large objects: the raw baseline),
+  in the same rounds. moto is a Python server on the same cores: a floor for both.
 
 Fairness: every file written is evicted from the page cache before it is read (``drop_caches``
 when permitted, else ``posix_fadvise(DONTNEED)``); every load follows its own save; methods run
@@ -30,12 +38,16 @@ time; numpy's huge-page requests are turned off so that all methods get the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
+import socket
+import subprocess
 import sys
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,12 +80,14 @@ from _bench_util import (
 
 from zshard.store import ArrayEntry, CheckpointReader, CheckpointWriter, Layout, TensorEntry, pack
 from zshard.store.dtypes import dtype as store_dtype
-from zshard.store.layout import Fragment
-from zshard.store.shard import read_shard_range, shard_key
+from zshard.store.layout import FlatGroup, Fragment
+from zshard.store.shard import Geometry, read_shard_range
 
 State = dict[str, torch.Tensor]
 GROUP, KIND = "g0000", "param"
 SAVE_TARGET = LOAD_TARGET = 0.9  # store throughput as a fraction of raw I/O
+S3_TARGET = 0.8  # store throughput on S3 as a fraction of s3fs on one object
+STAGE3_TARGET = 1.1  # stage-3 layout save time at most this times the stage-1 layout's
 RSS_SLACK = 256 * MIB  # consolidate peak RSS target: largest tensor + this
 STORE_CODE = ("zshard/store", "zshard/convert/consolidate.py")  # what the timings depend on
 RAW_PIECE = 4 << 20  # bytes per syscall in the chunked raw baseline, like the store's chunks
@@ -259,19 +273,41 @@ def dcp_load(path: str, shapes: dict[str, tuple[int, ...]]) -> State:
 
 @dataclass(frozen=True)
 class StorePlan:
-    """Computed once per job, like an engine's layout: one flat fp32 group, state kind param."""
+    """Computed once per job, like an engine's layout: state kind param, fp32; one flat group
+    (stages 0-2), or one flat group per module (``stage3``: what stage 3 checkpoints hold)."""
 
     layout: Layout
     arrays: tuple[ArrayEntry, ...]
     tensors: tuple[TensorEntry, ...]
     frags: dict[str, list[Fragment]]
+    members: dict[str, list[str]]  # group -> its tensors, in order
 
 
-def store_plan(shapes: dict[str, tuple[int, ...]], world_size: int) -> StorePlan:
-    group, frags = pack(GROUP, [(n, math.prod(s)) for n, s in shapes.items()], world_size)
+def module_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def store_plan(
+    shapes: dict[str, tuple[int, ...]], world_size: int, stage3: bool = False
+) -> StorePlan:
+    by_group: dict[str, list[str]] = {}
+    if stage3:
+        modules: dict[str, str] = {}
+        for n in shapes:
+            g = modules.setdefault(module_of(n), f"g{len(modules):04d}")
+            by_group.setdefault(g, []).append(n)
+    else:
+        by_group[GROUP] = list(shapes)
+    groups: list[FlatGroup] = []
+    frags: dict[str, list[Fragment]] = {}
+    for g, names in by_group.items():
+        group, fr = pack(g, [(n, math.prod(shapes[n])) for n in names], world_size)
+        groups.append(group)
+        frags.update(fr)
     tensors = tuple(TensorEntry(n, KIND, s, "float32", tuple(frags[n])) for n, s in shapes.items())
-    layout = Layout(world_size, 1, (group,))
-    return StorePlan(layout, (ArrayEntry(GROUP, KIND, "float32"),), tensors, frags)
+    layout = Layout(world_size, 3 if stage3 else 1, tuple(groups))
+    arrays = tuple(ArrayEntry(g.name, KIND, "float32") for g in groups)
+    return StorePlan(layout, arrays, tensors, frags, by_group)
 
 
 def store_save(state: State, root: str, plan: StorePlan) -> None:
@@ -285,18 +321,42 @@ def store_save(state: State, root: str, plan: StorePlan) -> None:
 
 
 def write_rank_shard(writer: CheckpointWriter, state: State, plan: StorePlan, rank: int) -> None:
-    """Stream this rank's fragments straight from the tensors (no flat copy)."""
-    w = writer.shard_writer(GROUP, KIND, rank)
-    try:
-        for name, t in state.items():
-            flat = t.reshape(-1).numpy()
-            for f in plan.frags[name]:
-                if f.rank == rank:
-                    w.write(flat[f.start : f.start + f.length])
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
+    """Stream this rank's fragments straight from the tensors (no flat copy), group by group
+    in the order of the rank's shard, as the engine does."""
+    for s in writer.stored:
+        for group, _ in s.segments:
+            w = writer.shard_writer(group, KIND, rank)
+            try:
+                for name in plan.members[group]:
+                    flat = state[name].reshape(-1).numpy()
+                    for f in plan.frags[name]:
+                        if f.rank == rank:
+                            w.write(flat[f.start : f.start + f.length])
+            except BaseException:
+                w.abort()
+                raise
+            w.close()
+
+
+def files_per_rank(root: str) -> dict[int, int]:
+    """Files each rank wrote in the newest step directory: its shards and rank state."""
+    r = CheckpointReader.open(root)
+    step = r.url
+    counts: dict[int, int] = {}
+    for _, _, names in os.walk(step):
+        for n in names:
+            rank = _rank_of(n)
+            if rank is not None:
+                counts[rank] = counts.get(rank, 0) + 1
+    return counts
+
+
+def _rank_of(name: str) -> int | None:
+    if name.startswith("c.") and name[2:].isdigit():
+        return int(name[2:])
+    if name.startswith("rank-") and name.endswith(".json"):
+        return int(name[5:-5])
+    return None
 
 
 def store_load(root: str) -> State:
@@ -315,13 +375,14 @@ def store_load_partitions(root: str) -> State:
     r = CheckpointReader.open(root)
     m = r.manifest
     g = m.layout.group(GROUP)
-    a = m.array(GROUP, KIND)
-    dt = store_dtype(a.dtype)
+    s, _ = m.locate(GROUP, KIND)  # one group: at base 0 of each rank's shard
+    dt = store_dtype(s.dtype)
+    geo = Geometry(s.shard_numel, s.chunk_numel, dt.itemsize)
     p = g.partition_numel
     flat = torch.empty(p * m.layout.world_size, dtype=torch.float32).numpy()
     for rank in range(m.layout.world_size):
-        key = shard_key(a.path, rank)
-        read_shard_range(r.dir, key, g, dt, 0, flat[rank * p : (rank + 1) * p], where=key)
+        key = s.shard_key(rank)
+        read_shard_range(r.dir, key, geo, dt, 0, flat[rank * p : (rank + 1) * p], where=key)
     out = {}
     for t in r.iter_tensors({KIND}):
         base = t.fragments[0].offset - t.fragments[0].start  # pack() lays tensors end to end
@@ -358,9 +419,14 @@ class Row:
     t: TimingSamples = field(default_factory=TimingSamples)
 
 
+WS1, WS2 = "zshard store, world size 1", "zshard store, world size 2 (1 process)"
+STAGE3 = "zshard store, stage 3 layout, world size 1"
+
+
 def methods(shapes: dict[str, tuple[int, ...]]) -> list[Method]:
     plan1, plan2 = store_plan(shapes, 1), store_plan(shapes, 2)
-    ws1, ws2 = "zshard store, world size 1", "zshard store, world size 2 (1 process)"
+    plan3 = store_plan(shapes, 1, stage3=True)
+    ws1, ws2 = WS1, WS2
     return [
         Method(
             "raw.bin",
@@ -388,6 +454,13 @@ def methods(shapes: dict[str, tuple[int, ...]]) -> list[Method]:
             Phase(ws2, "target"),
             lambda s, p: store_save(s, p, plan2),
             Phase(ws2, "target"),
+            store_load,
+        ),
+        Method(
+            "store-stage3",
+            Phase(STAGE3, "target"),
+            lambda s, p: store_save(s, p, plan3),
+            Phase(STAGE3, "target"),
             store_load,
         ),
         Method(
@@ -567,6 +640,171 @@ def check_safetensors(state: State, path: str, mode: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Files per rank, and S3
+
+
+@dataclass
+class FileCount:
+    label: str
+    groups: int
+    per_rank: dict[int, int]
+    total: int  # every file of the step directory (rank 0's metadata and the manifest too)
+
+
+def count_files(state: State, scratch: str) -> list[FileCount]:
+    """One untimed save per layout: how many files each rank writes."""
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    out = []
+    for label, plan in (
+        (WS1, store_plan(shapes, 1)),
+        (WS2, store_plan(shapes, 2)),
+        (STAGE3, store_plan(shapes, 1, stage3=True)),
+        ("zshard store, stage 3 layout, world size 2", store_plan(shapes, 2, stage3=True)),
+    ):
+        path = os.path.join(scratch, "count")
+        store_save(state, path, plan)
+        step = CheckpointReader.open(path).url
+        total = sum(len(names) for _, _, names in os.walk(step))
+        out.append(FileCount(label, len(plan.layout.groups), files_per_rank(path), total))
+        remove(path)
+    return out
+
+
+def files_table(counts: list[FileCount]) -> str:
+    rows = [
+        [
+            c.label,
+            c.groups,
+            ", ".join(f"{r}: {n}" for r, n in sorted(c.per_rank.items())),
+            c.total,
+        ]
+        for c in counts
+    ]
+    head = ["layout", "flat groups", "files per rank (rank: files)", "files in the step dir"]
+    return markdown_table(head, rows)
+
+
+@contextlib.contextmanager
+def moto_process() -> Iterator[str]:
+    """A moto S3 server in its own process on 127.0.0.1; yields the endpoint."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def s3_setup(endpoint: str) -> str:
+    """Point fsspec at ``endpoint`` (dummy keys, nothing outside 127.0.0.1); a new bucket."""
+    import boto3
+    import fsspec.config
+    import s3fs
+
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        FSSPEC_S3_ENDPOINT_URL=endpoint,
+    )
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+    s3fs.S3FileSystem.clear_instance_cache()
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+        Bucket="bench-store"
+    )
+    return "s3://bench-store"
+
+
+def s3fs_save(fs: object, local: str, url: str) -> None:
+    fs.put_file(local, url)  # type: ignore[attr-defined]
+
+
+def s3fs_load(fs: object, url: str, shapes: dict[str, tuple[int, ...]]) -> State:
+    """One object, s3fs's ``cat_file`` (concurrent ranged GETs above its 50 MiB block size),
+    then every tensor as a view of the bytes."""
+    data = fs.cat_file(url)  # type: ignore[attr-defined]
+    out, pos = {}, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only views of the bytes: no copy, a floor
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            a = np.frombuffer(data, dtype=np.float32, count=n, offset=pos)
+            out[name] = torch.from_numpy(a).view(shape)
+            pos += 4 * n
+    return out
+
+
+S3_RAW = "s3fs put_file / cat_file, one object"
+S3_STORE = "zshard store, world size 1, S3"
+S3_STAGE3 = "zshard store, stage 3 layout, world size 1, S3"
+
+
+def run_s3_rounds(
+    state: State, scratch: str, args: argparse.Namespace
+) -> tuple[dict[str, Row], dict[str, Row]]:
+    """The store against s3fs on one object, on a moto server in its own process."""
+    import s3fs
+
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    plan1, plan3 = store_plan(shapes, 1), store_plan(shapes, 1, stage3=True)
+    local = os.path.join(scratch, "s3-raw.bin")
+    raw_save_pieces(state, local)  # the bytes s3fs uploads, in the page cache (not timed)
+    nbytes = state_bytes(state)
+    saves = {
+        k: Row(Phase(k, "raw" if k == S3_RAW else "target")) for k in (S3_RAW, S3_STORE, S3_STAGE3)
+    }
+    loads = {
+        k: Row(Phase(k, "raw" if k == S3_RAW else "target")) for k in (S3_RAW, S3_STORE, S3_STAGE3)
+    }
+    with moto_process() as endpoint:
+        bucket = s3_setup(endpoint)
+        fs = s3fs.S3FileSystem()
+        jobs: dict[str, tuple[Callable[[str], None], Callable[[str], State]]] = {
+            S3_RAW: (lambda u: s3fs_save(fs, local, u), lambda u: s3fs_load(fs, u, shapes)),
+            S3_STORE: (lambda u: store_save(state, u, plan1), store_load),
+            S3_STAGE3: (lambda u: store_save(state, u, plan3), store_load),
+        }
+        for label, (save, load) in jobs.items():  # warm-up: connections, code paths
+            url = f"{bucket}/warmup-{len(label)}"
+            save(url)
+            check_equal(state, load(url), f"S3 warm-up {label}")
+            fs.rm(url, recursive=True)
+        for rep in range(args.repeats):
+            quiet(args)
+            for i, label in enumerate(random.Random(100 + rep).sample(list(jobs), len(jobs))):
+                save, load = jobs[label]
+                url = f"{bucket}/r{rep}-{i}"
+                settle(args.settle)
+                t_save, _ = timed(lambda save=save, url=url: save(url))
+                settle(args.settle)
+                t_load, loaded = timed(lambda load=load, url=url: load(url))
+                check_equal(state, loaded, f"S3 {label}")
+                del loaded
+                saves[label].t.add(t_save)
+                loads[label].t.add(t_load)
+                saves[label].disk_bytes = loads[label].disk_bytes = nbytes
+                fs.rm(url, recursive=True)
+                progress(
+                    f"S3 round {rep + 1}/{args.repeats} {label}: save {t_save.wall:.2f}s, "
+                    f"load {t_load.wall:.2f}s"
+                )
+    remove(local)
+    return saves, loads
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 
 
@@ -574,7 +812,9 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def io_table(kind: str, rows: dict[str, Row], nbytes: int, target: float) -> str:
+def io_table(
+    kind: str, rows: dict[str, Row], nbytes: int, target: float, size_label: str = "MiB on disk"
+) -> str:
     # "raw" is the faster raw baseline: the store must come close to the best plain I/O.
     raw_wall = min(r.t.wall.median for r in rows.values() if r.phase.role == "raw")
     out = []
@@ -598,8 +838,65 @@ def io_table(kind: str, rows: dict[str, Row], nbytes: int, target: float) -> str
                 judged,
             ]
         )
-    head = [kind, "MiB on disk", "wall s, median (min-max)", "CPU s", "GiB/s", "vs raw", "target"]
+    head = [kind, size_label, "wall s, median (min-max)", "CPU s", "GiB/s", "vs raw", "target"]
     return markdown_table(head, out)
+
+
+def targets_table(
+    saves: dict[str, Row],
+    loads: dict[str, Row],
+    counts: list[FileCount],
+    s3: tuple[dict[str, Row], dict[str, Row]] | None,
+) -> str:
+    def ratio(rows: dict[str, Row], label: str) -> float:
+        raw = min(r.t.wall.median for r in rows.values() if r.phase.role == "raw")
+        return raw / rows[label].t.wall.median
+
+    out = []
+    for label in (WS1, WS2):
+        r = ratio(saves, label)
+        out.append(
+            [
+                f"store save >= {SAVE_TARGET}x raw, {label[14:]}",
+                f"{verdict(r >= SAVE_TARGET)}: {r:.2f}x",
+            ]
+        )
+    for label in (WS1, WS2):
+        r = ratio(loads, label)
+        out.append(
+            [
+                f"store load >= {LOAD_TARGET}x raw, {label[14:]}",
+                f"{verdict(r >= LOAD_TARGET)}: {r:.2f}x",
+            ]
+        )
+    t1, t3 = saves[WS1].t.wall.median, saves[STAGE3].t.wall.median
+    out.append(
+        [
+            f"stage-3 layout save <= {STAGE3_TARGET}x stage-1 save (world size 1)",
+            f"{verdict(t3 <= STAGE3_TARGET * t1)}: {t3 / t1:.2f}x ({t3:.2f} s vs {t1:.2f} s)",
+        ]
+    )
+    by = {c.label: c for c in counts}
+    one = by[WS1].per_rank[0]
+    three = by[STAGE3].per_rank[0]
+    out.append(
+        [
+            "files per rank independent of the number of modules",
+            f"{verdict(one == three)}: {one} with {by[WS1].groups} group, {three} with "
+            f"{by[STAGE3].groups} groups",
+        ]
+    )
+    if s3 is not None:
+        for kind, rows in zip(("save", "load"), s3):
+            for label in (S3_STORE, S3_STAGE3):
+                r = ratio(rows, label)
+                out.append(
+                    [
+                        f"S3 {kind} >= {S3_TARGET}x s3fs one object, {label[13:-4]}",
+                        f"{verdict(r >= S3_TARGET)}: {r:.2f}x",
+                    ]
+                )
+    return markdown_table(["target", "result on this run"], out)
 
 
 def consolidate_table(results: dict[str, ConsolidateResult], nbytes: int, largest: int) -> str:
@@ -656,6 +953,9 @@ def report(
     saves: dict[str, Row],
     loads: dict[str, Row],
     cons: dict[str, ConsolidateResult],
+    counts: list[FileCount],
+    s3: tuple[dict[str, Row], dict[str, Row]] | None,
+    s3_state: State | None,
 ) -> str:
     nbytes = state_bytes(state)
     largest_name, largest = max(
@@ -686,7 +986,21 @@ def report(
         io_table("load", loads, nbytes, LOAD_TARGET),
         "",
         consolidate_table(cons, nbytes, largest),
+        "",
+        files_table(counts),
     ]
+    if s3 is not None and s3_state is not None:
+        n3 = state_bytes(s3_state)
+        lines += [
+            "",
+            f"S3 (moto in its own process on 127.0.0.1), {len(s3_state)} tensors, "
+            f'{n3 / MIB:.1f} MiB; "vs raw" is relative to s3fs on one object:',
+            "",
+            io_table("S3 save", s3[0], n3, S3_TARGET, "MiB sent"),
+            "",
+            io_table("S3 load", s3[1], n3, S3_TARGET, "MiB sent"),
+        ]
+    lines += ["", targets_table(saves, loads, counts, s3)]
     return "\n".join(lines)
 
 
@@ -714,6 +1028,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "below this; on a shared machine other tenants' CPU use otherwise lands in the timings",
     )
     ap.add_argument("--report", default=None, help="also write the markdown report to this file")
+    ap.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) rounds")
+    ap.add_argument(
+        "--s3-size-gb",
+        type=float,
+        default=0.25,
+        help="state size for the S3 rounds in GiB (default 0.25; moto keeps it in memory)",
+    )
     # Internal: one consolidate run inside a fresh child process.
     ap.add_argument("--child", choices=("streaming", "naive"), help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -735,8 +1056,14 @@ def main(argv: list[str] | None = None) -> None:
         warm_up(scratch)
         saves, loads = run_rounds(state, scratch, args, run.cache)
         cons = run_consolidate(state, scratch, args, run.cache)
+        counts = count_files(state, scratch)
+        s3 = s3_state = None
+        if not args.no_s3:
+            s3_size = GIB // 64 if args.quick else int(args.s3_size_gb * GIB)
+            s3_state = state if s3_size >= size else make_state(model_shapes(s3_size))
+            s3 = run_s3_rounds(s3_state, scratch, args)
         run.load_after = load_average()
-        text = report(state, scratch, args, run, saves, loads, cons)
+        text = report(state, scratch, args, run, saves, loads, cons, counts, s3, s3_state)
     print(text)
     if args.report:
         with open(args.report, "w") as f:

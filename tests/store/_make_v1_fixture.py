@@ -99,7 +99,9 @@ def main(dest: str) -> None:
             lo, hi = g.partition_range(rank)
             w.write_shard(gname, kind, flat[lo:hi], rank)
     for rank in range(WORLD):
-        w.write_rank_state({"rank": rank, "rng": base64.b64encode(bytes([rank] * 8)).decode()}, rank)
+        w.write_rank_state(
+            {"rank": rank, "rng": base64.b64encode(bytes([rank] * 8)).decode()}, rank
+        )
     w.commit({"train": {"global_step": STEP}, "extra": {"data": {"epoch": 1, "offset": 96}}})
     expected = {
         f"{kind}/{name}": {

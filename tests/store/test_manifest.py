@@ -116,11 +116,11 @@ GOLDEN_V1 = (
 
 # Format 2: groups packed into one array per (kind, dtype), each at its base in the shard.
 GOLDEN_V2 = (
-    b'{"crc32c":"b53760f2","manifest":{"format":"zshard.checkpoint","format_version":2,'
+    b'{"crc32c":"cecfba94","manifest":{"format":"zshard.checkpoint","format_version":2,'
     b'"zshard_version":"0.1.0","created":"2024-01-01T00:00:00+00:00","step":9,"layout":'
     b'{"world_size":2,"stage":3,"groups":[{"name":"g0","partition_numel":4},{"name":"g1",'
-    b'"partition_numel":3}]},"arrays":[{"kind":"param","dtype":"float32","shard_numel":7,'
-    b'"chunk_numel":7,"groups":[["g0",0],["g1",4]]}],"tensors":[{"name":"a.w","kind":"param",'
+    b'"partition_numel":3}]},"arrays":[{"kind":"param","dtype":"float32","shard_numel":8,'
+    b'"chunk_numel":4,"groups":[["g0",0],["g1",4]]}],"tensors":[{"name":"a.w","kind":"param",'
     b'"shape":[2,3],"dtype":"float32","fragments":[["g0",0,0,0,4],["g0",1,4,4,2]]},{"name":'
     b'"a.b","kind":"param","shape":[2],"dtype":"float32","fragments":[["g0",1,6,0,2]]},'
     b'{"name":"c.w","kind":"param","shape":[5],"dtype":"float32","fragments":[["g1",0,0,0,3],'
@@ -335,7 +335,7 @@ PACKED_LIES: dict[str, tuple[Callable[[dict], None], str]] = {
         lambda o: o["arrays"].append({**o["arrays"][0], "groups": [["g1", 0]]}),
         "twice",
     ),
-    "second group past the end": (_set(["arrays", 0, "groups", 1, 1], 5), "outside"),
+    "second group past the end": (_set(["arrays", 0, "groups", 1, 1], 6), "outside"),
 }
 
 

@@ -363,7 +363,17 @@ def test_two_launchers_are_two_nodes_and_resume_plain_stage_3(tmp_path: Path) ->
 BAD = [
     (["--set", "zero.stage=2", "--set", "zero.quantized_weights=true"], "got stage 2"),
     (["--set", "zero.hpz_partition_size=4"], "4 exceeds the 2 ranks of a node"),
-    (["--nproc", "3", "--set", "zero.hpz_partition_size=2"], "2 does not divide the world size 3"),
+    (
+        [
+            "--nproc",
+            "3",
+            "--set",
+            "zero.hpz_partition_size=2",
+            "--set",
+            "train.global_batch_size=6",
+        ],
+        "2 does not divide the world size 3",
+    ),
 ]
 
 

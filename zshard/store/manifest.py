@@ -248,7 +248,9 @@ class Manifest:
                 self.layout = Layout(
                     lay.world_size,
                     lay.stage,
-                    tuple(FlatGroup(g.name, g.partition_numel, g.partition_numel) for g in lay.groups),
+                    tuple(
+                        FlatGroup(g.name, g.partition_numel, g.partition_numel) for g in lay.groups
+                    ),
                 )
         self._where: dict[tuple[str, str], tuple[StoredArray, int]] = {}
 
@@ -509,9 +511,7 @@ class Manifest:
             spans.sort()
             for (_, hi, first), (lo, _, second) in zip(spans, spans[1:]):
                 if lo < hi:
-                    errs.append(
-                        f"tensors {first!r} and {second!r} overlap in array {group}/{kind}"
-                    )
+                    errs.append(f"tensors {first!r} and {second!r} overlap in array {group}/{kind}")
         names = {t.name for t in self.tensors}
         for alias, target in self.ties.items():
             if alias in names:

@@ -273,7 +273,7 @@ def _crc_pool() -> cf.ThreadPoolExecutor:
     checksum can be carried from one task to the next."""
     global _CRC_POOL, _CRC_PID
     with _CRC_LOCK:
-        if _CRC_POOL is None or _CRC_PID != os.getpid():
+        if _CRC_POOL is None or os.getpid() != _CRC_PID:
             _CRC_POOL = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-crc")
             _CRC_PID = os.getpid()
         return _CRC_POOL

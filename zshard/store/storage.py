@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import math
 import os
 import posixpath
@@ -106,7 +107,7 @@ def io_threads() -> int:
 def io_pool() -> cf.ThreadPoolExecutor:
     global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():  # a forked child gets a pool of its own
+        if _POOL is None or os.getpid() != _POOL_PID:  # a forked child gets a pool of its own
             _POOL = cf.ThreadPoolExecutor(io_threads(), thread_name_prefix="zshard-io")
             _POOL_PID = os.getpid()
         return _POOL
@@ -190,9 +191,7 @@ class LocalStream:
     ``write`` appends; ``pwrite`` writes at an offset (a positional writer of known size).
     """
 
-    def __init__(
-        self, path: str, *, durable: bool = True, batch: SyncBatch | None = None
-    ) -> None:
+    def __init__(self, path: str, *, durable: bool = True, batch: SyncBatch | None = None) -> None:
         self._final = path
         self._durable = durable
         self._batch = batch
@@ -279,7 +278,7 @@ class SyncBatch:
         if not files:
             return
         try:
-            run_all([lambda f=f: _fsync_file(f) for f in files])
+            run_all([functools.partial(_fsync_file, f) for f in files])
             for f in files:
                 with translate_errors(f._final):
                     f._f.close()
@@ -289,7 +288,7 @@ class SyncBatch:
                 f.abort()
             raise
         dirs = sorted({d for f in files for d in f.dirs_to_sync()})
-        run_all([lambda d=d: _fsync_dir(d) for d in dirs])
+        run_all([functools.partial(_fsync_dir, d) for d in dirs])
 
     def discard(self) -> None:
         """Drop every file not yet published (an aborted save)."""
@@ -523,7 +522,7 @@ _INFLIGHT_PID = 0
 def _inflight() -> threading.BoundedSemaphore:
     global _INFLIGHT, _INFLIGHT_PID
     with _POOL_LOCK:
-        if _INFLIGHT is None or _INFLIGHT_PID != os.getpid():
+        if _INFLIGHT is None or os.getpid() != _INFLIGHT_PID:
             _INFLIGHT = threading.BoundedSemaphore(io_threads())
             _INFLIGHT_PID = os.getpid()
         return _INFLIGHT
@@ -555,9 +554,7 @@ class S3Upload:
     the one or two being filled.
     """
 
-    def __init__(
-        self, storage: FsspecStorage, key: str, size: int | None = None
-    ) -> None:
+    def __init__(self, storage: FsspecStorage, key: str, size: int | None = None) -> None:
         self._st = storage
         self._key = key
         self._path = storage._p(key)
@@ -579,7 +576,9 @@ class S3Upload:
         import fsspec.asyn  # why: slow to import; only object stores need it
 
         fs = self._st.fs
-        return fsspec.asyn.sync(fs.loop, fs._call_s3, method, Bucket=self._bucket, Key=self._obj, **kw)
+        return fsspec.asyn.sync(
+            fs.loop, fs._call_s3, method, Bucket=self._bucket, Key=self._obj, **kw
+        )
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         with translate_errors(self._where):
@@ -599,7 +598,11 @@ class S3Upload:
             if entry is None:
                 if i in self._done:
                     raise ValueError(f"{self._where}: part {i + 1} was written twice")
-                n = self._part if self._size is None else min(self._part, self._size - i * self._part)
+                n = (
+                    self._part
+                    if self._size is None
+                    else min(self._part, self._size - i * self._part)
+                )
                 entry = self._parts[i] = [bytearray(n), 0]
             buf, filled = entry
             lo = offset - i * self._part
@@ -607,9 +610,7 @@ class S3Upload:
             buf[lo : lo + take] = view[:take]
             entry[1] = filled + take
             view, offset = view[take:], offset + take
-            if self._size is not None and entry[1] == len(buf):
-                self._ship(i)
-            elif self._size is None and entry[1] == self._part:
+            if entry[1] == len(buf):  # every byte of the part written
                 self._ship(i)
 
     def _ship(self, i: int) -> None:
@@ -667,9 +668,7 @@ class S3Upload:
             self._st._call(self._key, lambda: self._st.fs.pipe_file(self._path, data))
             return
         cf.wait(list(self._done.values()))
-        parts = [
-            {"PartNumber": i + 1, "ETag": f.result()} for i, f in sorted(self._done.items())
-        ]
+        parts = [{"PartNumber": i + 1, "ETag": f.result()} for i, f in sorted(self._done.items())]
         upload_id = self._upload_id
         attempt = [0]
 
@@ -683,9 +682,9 @@ class S3Upload:
                 )
             except Exception as e:
                 # A repeat after a lost success finds the upload gone: the object is there.
-                if attempt[0] > 1 and "NoSuchUpload" in f"{type(e).__name__} {e}":
-                    if self._st.fs.exists(self._path):
-                        return
+                gone = attempt[0] > 1 and "NoSuchUpload" in f"{type(e).__name__} {e}"
+                if gone and self._st.fs.exists(self._path):
+                    return
                 raise
 
         self._call(complete)
@@ -782,7 +781,7 @@ class FsspecStorage:
             data = memoryview(self.read_range(key, offset + lo, offset + hi))
             _scatter(views, lo, data)
 
-        run_all([lambda lo=lo, hi=hi: fetch(lo, hi) for lo, hi in spans if hi > lo])
+        run_all([functools.partial(fetch, lo, hi) for lo, hi in spans if hi > lo])
 
     def write_atomic(
         self, key: str, data: bytes, *, durable: bool = True, batch: SyncBatch | None = None

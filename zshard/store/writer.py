@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as _dt
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -218,7 +219,7 @@ class CheckpointWriter:
             for key, data in files.items():
                 self.dir.write_atomic(key, data, batch=batch)
         else:
-            run_all([lambda k=k, d=d: self.dir.write_atomic(k, d) for k, d in files.items()])
+            run_all([functools.partial(self.dir.write_atomic, k, d) for k, d in files.items()])
         self._meta_written = True
 
     # -- every rank --------------------------------------------------------------------------
@@ -351,8 +352,9 @@ class CheckpointWriter:
         if rank_state is None:
             rank_state = self._has_rank_state or self.dir.exists(rank_state_key(0))
         m.rank_state = world if rank_state else 0
-        listings = run_all([lambda s=s: set(self.dir.listdir(s.path)) for s in m.stored])
-        for s, present in zip(m.stored, listings):
+        listings = run_all([functools.partial(self.dir.listdir, s.path) for s in m.stored])
+        for s, listed in zip(m.stored, listings):
+            present = set(listed)
             names = {s.shard_key(r).rpartition("/")[2]: r for r in range(world)}
             missing = sorted(r for name, r in names.items() if name not in present)
             if missing:

@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,30 +20,20 @@ from zshard.train.offload._swap import SwapArray
 from zshard.train.zero import FlatParamGroup
 
 
+@dataclass(eq=False, kw_only=True)
 class ParamFetcher:
     """Fetches the ``param`` arrays of ``arrays`` (the offload's, shared) on ``reader``'s thread;
     the caller invalidates it whenever parameter versions change."""
 
-    def __init__(
-        self,
-        arrays: Mapping[tuple[str, str], Array],
-        reader: cf.ThreadPoolExecutor,
-        *,
-        device: torch.device,
-        rank: int,
-        pin: bool,
-        read_ahead: int,
-        max_in_memory: int,
-    ) -> None:
-        self.arrays = arrays
-        self.reader = reader
-        self.device = device
-        self.rank = rank
-        self.pin = pin
-        self.read_ahead = read_ahead
-        self.max_in_memory = max_in_memory
-        self._fetching: dict[str, cf.Future[torch.Tensor]] = {}
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+    arrays: Mapping[tuple[str, str], Array]
+    reader: cf.ThreadPoolExecutor
+    device: torch.device
+    rank: int
+    pin: bool  # pinned host buffers for the reads
+    read_ahead: int  # partitions read ahead of use
+    max_in_memory: int  # elements of fetched partitions kept cached after their all-gather
+    _fetching: dict[str, cf.Future[torch.Tensor]] = field(default_factory=dict, init=False)
+    _cache: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, init=False)
 
     def _buffer(self, g: FlatParamGroup) -> tuple[SwapArray, torch.Tensor]:
         # Allocated here, on the training thread, even for background reads: memory a thread

@@ -108,8 +108,8 @@ class Offload:
         self._io_read = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-offload-read")
         self._io_write = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-offload-write")
         self._params = ParamFetcher(
-            self.arrays,
-            self._io_read,
+            arrays=self.arrays,
+            reader=self._io_read,
             device=device,
             rank=comm.rank,
             pin=self._pin_par,

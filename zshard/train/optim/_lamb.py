@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-_WINDOW = 1 << 20  # elements per pass window
+# Elements per pass window: _optimizers.UPDATE_WINDOW's value, kept here because _optimizers
+# imports this module (build_optimizer) and importing it back would be a cycle.
+_WINDOW = 1 << 20
 
 # (start, stop) of each tensor's piece in a flat partition, in the partition's coordinates.
 Segments = Sequence[tuple[int, int]]

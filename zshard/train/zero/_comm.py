@@ -393,9 +393,7 @@ class Comm:
             works.append(dist.broadcast(piece, src=owner, group=self.group, async_op=async_op))
         return self._finish("broadcast", works, async_op)
 
-    def all_to_all(
-        self, out: torch.Tensor, inp: torch.Tensor, *, async_op: bool = False
-    ) -> Handle:
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, *, async_op: bool = False) -> Handle:
         """``out`` (N*k,) <- chunk ``rank`` of every rank's ``inp`` (N*k,), in rank order (ZeRO++'s
         qgZ). Native on every backend (gloo included). Counted at the sender: ``bytes`` is
         ``inp``, ``cross_node_bytes`` its chunks for ranks on other nodes."""

@@ -30,6 +30,12 @@ Each rank keeps only its partition of every flat group (one group per module own
 
 ``zero.overlap_comm: false`` waits for each reduce-scatter inside the hook (the blocking path).
 
+ZeRO++ (``zero.quantized_weights``, ``hpz_partition_size``, ``quantized_gradients``; _zeropp.py):
+the hooks' gathers (``training=True``) go through :class:`ZeroPP`, which may quantize them (qwZ)
+or serve them from the node's secondary partitions (hpZ, valid until ``release_all`` at the end
+of each backward), and each group's reduce-scatter becomes qgZ's two-hop all-to-all. Any other
+gather (``gathered_parameters``, ``save_16bit_model``, persistent groups) stays exact.
+
 Invariant: every rank issues the same gathers and reduce-scatters in the same order. That holds
 when every rank runs the same modules (as with any ZeRO-3 implementation); leftovers are flushed
 in group order at the end of backward.
@@ -236,7 +242,7 @@ class Stage3:
 
     def release_all(self) -> None:
         """Wait for prefetches and release every group nothing holds (after an eval forward)."""
-        for name, (buf, work, part) in self._inflight.items():
+        for name, (_buf, work, part) in self._inflight.items():
             work.wait()
             self._gathered(self._by_name[name], part)
             if self._by_name[name].flat is None:
