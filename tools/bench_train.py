@@ -560,7 +560,7 @@ def comm_summary(steps: list[dict[str, dict[str, int]] | None]) -> dict[str, Any
     per_kind = {k: statistics.median(c[k]["bytes"] for c in steps) for k in kinds}
     calls = {k: statistics.median(c[k]["calls"] for c in steps) for k in kinds}
     volume = statistics.median(
-        sum(_VOLUME_FACTOR[k] * v["bytes"] for k, v in c.items()) for c in steps
+        sum(_VOLUME_FACTOR.get(k, 1) * v["bytes"] for k, v in c.items()) for c in steps
     )
     cross = statistics.median(sum(v["cross_node_bytes"] for v in c.values()) for c in steps)
     return {

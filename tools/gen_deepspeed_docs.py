@@ -1,6 +1,6 @@
 """Generate docs/deepspeed.md from the DeepSpeed key rules, so the table never drifts from the code.
 
-Run from the repository root after changing ``zshard/train/config/_deepspeed.py``::
+Run from the repository root after changing the key table (``zshard/train/config/_ds_table*.py``)::
 
     python tools/gen_deepspeed_docs.py           # rewrite docs/deepspeed.md
     python tools/gen_deepspeed_docs.py --check   # exit 1 if docs/deepspeed.md is out of date

@@ -234,10 +234,10 @@ def test_stage3_prefetches_in_recorded_order() -> None:
     prefetched: list[str] = []  # groups whose gather was already in flight when needed
     real_gather = s3.gather
 
-    def spy(g):  # type: ignore[no-untyped-def]
+    def spy(g, **kwargs):  # type: ignore[no-untyped-def]
         if g.name in s3._inflight:
             prefetched.append(g.name)
-        return real_gather(g)
+        return real_gather(g, **kwargs)
 
     s3.gather = spy  # type: ignore[method-assign]
     engine.backward(engine(*cases.micro_batch(0, 0, 0, 1)))

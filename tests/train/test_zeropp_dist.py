@@ -7,9 +7,10 @@ consecutive ranks form a node, which is all the engine (``Comm``, ``ZeroPP``) lo
 launcher test starts two real elastic agents (``--nnodes 2 --node-rank {0,1}``).
 
 Training length: 30 steps of a 2-layer GPT (d_model 32, 8 sequences of 32 tokens per step) per
-variant. The issue suggests 200; five variants x 200 steps on 4 processes take about 9 minutes on
-2 shared CPU cores, 30 steps take about 1.5 minutes, and by step 30 the loss has fallen from 5.5
-to about 3.5 (the fast early phase, where a systematic error from quantization would show).
+variant. The issue suggests 200; on 2 shared CPU cores (load average ~5) a step of 4 processes
+takes about 0.5 s, so five variants x 200 steps would take about 8 minutes, while 30 steps take
+about 80 s; by step 30 the loss has fallen from 5.5 to about 3.5 (the fast early phase, where a
+systematic error from quantization would show).
 """
 
 from __future__ import annotations

@@ -564,7 +564,9 @@ def _load(engine: Checkpointable, url: str) -> dict[str, Any]:
             reader.url,
             "/".join(keys),
         )
-    # The master (fp32) is the better source of parameter values when both exist.
+    # The master (fp32) is the better source of parameter values when both exist. Kind by kind,
+    # group by group: each stored array is then read front to back (one shard per kind holds
+    # every group since format 2), which on object stores is a few large read-ahead requests.
     value_kinds = ("master", "param")
     for g in engine.groups:
         if engine.stage < 3:
@@ -575,14 +577,14 @@ def _load(engine: Checkpointable, url: str) -> dict[str, Any]:
             if g.persistent and g.flat is not None:
                 assert g.param_part is not None
                 engine.comm.all_gather(g.flat, g.param_part)
-        if not g.trainable:
-            continue
-        lo = g.update_range[0]
+    trainable = [g for g in engine.groups if g.trainable]
+    for g in trainable:
         if not g.master_is_param:
-            _fill_kind(engine, reader, g, "master", value_kinds, g.master, lo)
-        for key in engine.optimizer.state_keys:
-            sources = (key,) if with_optimizer else ()
-            _fill_kind(engine, reader, g, key, sources, g.state.get(key), lo)
+            _fill_kind(engine, reader, g, "master", value_kinds, g.master, g.update_range[0])
+    for key in engine.optimizer.state_keys:
+        sources = (key,) if with_optimizer else ()
+        for g in trainable:
+            _fill_kind(engine, reader, g, key, sources, g.state.get(key), g.update_range[0])
     for bg in engine.buffer_groups:
         for name, t in bg.tensors():
             if _has(reader, name, "buffer"):
