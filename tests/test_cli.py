@@ -22,7 +22,6 @@ from tests.harness import free_port, run_cli, s3_fast_fail, subprocess_env
 from zshard.convert.importer import import_safetensors
 from zshard.convert.safetensors_io import TIES_METADATA_KEY
 from zshard.store.reader import CheckpointReader
-from zshard.store.shard import chunk_nbytes, index_nbytes, shard_key
 from zshard.store.verify import verify
 
 TIES = {"lm_head.weight": "w.prime"}
@@ -67,7 +66,7 @@ def test_inspect_text_and_json(ws):
     r = run_cli("inspect", "ckpt", "--json", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["step"] == 0 and info["world_size"] == 2 and info["format_version"] == 1
+    assert info["step"] == 0 and info["world_size"] == 2 and info["format_version"] == 2
     assert {t["name"] for t in info["tensors"]} == set(sd)
     by_name = {t["name"]: t for t in info["tensors"]}
     assert by_name["w.prime"]["shape"] == [7, 13] and by_name["w.prime"]["dtype"] == "float32"
@@ -85,17 +84,17 @@ def test_verify_ok_and_corrupt(ws):
     reader = CheckpointReader.open(str(tmp_path / "ckpt"))
     m = reader.manifest
     f = min(m.tensor("w.prime", "param").fragments, key=lambda f: f.start)
-    a = m.array(f.group, "param")
+    a, base = m.locate(f.group, "param")
     g = m.layout.group(f.group)
     from zshard.store import dtypes
+    from zshard.store.shard import Geometry
 
-    path = tmp_path / "ckpt" / reader.ref.name / shard_key(a.path, f.rank)
-    lo = f.offset - f.rank * g.partition_numel
-    pos = index_nbytes(g.chunks_per_shard) + (lo // g.chunk_numel) * chunk_nbytes(
-        g, dtypes.dtype(a.dtype)
-    )
+    geo = Geometry(a.shard_numel, a.chunk_numel, dtypes.dtype(a.dtype).itemsize)
+    path = tmp_path / "ckpt" / reader.ref.name / a.shard_key(f.rank)
+    lo = base + f.offset - f.rank * g.partition_numel
+    pos = geo.index_nbytes + (lo // geo.chunk_numel) * geo.chunk_nbytes
     raw = bytearray(path.read_bytes())
-    raw[pos + (lo % g.chunk_numel) * 4] ^= 0x01
+    raw[pos + (lo % geo.chunk_numel) * 4] ^= 0x01
     path.write_bytes(bytes(raw))
     r = run_cli("verify", "ckpt", cwd=str(tmp_path))
     assert r.returncode == 1
@@ -166,7 +165,7 @@ def _bad_workspace(tmp_path) -> None:
     shutil.copytree(tmp_path / "ckpt", tmp_path / "future")
     _reframe(
         tmp_path / "future" / "step-00000000" / "manifest.json",
-        lambda o: o.update(format_version=2),
+        lambda o: o.update(format_version=3),
     )
     # Outputs that exist already.
     (tmp_path / "exists.safetensors").write_bytes(b"keep me")
@@ -198,10 +197,10 @@ BAD = {
     "verify not a checkpoint": (["verify", "notckpt"], ".", "not a zshard checkpoint"),
     "inspect not a checkpoint": (["inspect", "notckpt"], ".", "not a zshard checkpoint"),
     "reshard here not a checkpoint": (["reshard", "--to", "2"], "notckpt", "not a zshard"),
-    "inspect newer format": (["inspect", "future"], ".", "format version 2"),
+    "inspect newer format": (["inspect", "future"], ".", "format version 3"),
     "verify newer format": (["verify", "future"], ".", "upgrade zshard"),
-    "reshard newer format": (["reshard", "future", "--to", "3"], ".", "format version 2"),
-    "consolidate newer format": (["consolidate", "future", "o.safetensors"], ".", "version 2"),
+    "reshard newer format": (["reshard", "future", "--to", "3"], ".", "format version 3"),
+    "consolidate newer format": (["consolidate", "future", "o.safetensors"], ".", "version 3"),
     "reshard --to 0": (["reshard", "--to", "0"], "ckpt", "--to"),
     "reshard --to -1": (["reshard", "--to", "-1"], "ckpt", "--to"),
     "reshard without --to": (["reshard"], "ckpt", "--to"),

@@ -67,7 +67,7 @@ def test_export_runs_after_the_commit_and_never_leaves_a_partial_dir(
     root = tmp_path / "ckpt"
     engine = _train(1, "bf16", checkpoint={"dir": str(root), "save_16bit": True})
     seen: dict[str, bool] = {}
-    real_write = _export._write_file
+    real_write = _export.write_safetensors
 
     def failing_write(storage: Any, key: str, *args: Any) -> None:
         step_dir = Path(storage.root).parent
@@ -75,7 +75,7 @@ def test_export_runs_after_the_commit_and_never_leaves_a_partial_dir(
         real_write(storage, key, *args)  # the whole file, then a failure before the rename
         raise OSError("disk full")
 
-    monkeypatch.setattr(_export, "_write_file", failing_write)
+    monkeypatch.setattr(_export, "write_safetensors", failing_write)
     with pytest.raises(ZshardError, match="is committed, but writing its 16-bit weights"):
         engine.save()
     step_dir = root / "step-00000002"

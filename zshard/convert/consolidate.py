@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,83 +147,111 @@ def consolidate(
     dest_parent = open_storage(parent)
     if dest_parent.exists(name) and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    metadata = {"format": "pt"}
-    if reader.ties:
-        metadata[TIES_METADATA_KEY] = json.dumps(reader.ties, sort_keys=True)
-    total = sum(t.nbytes for t in tensors)
+    metadata = safetensors_metadata(reader.ties)
+    stream = streamer(reader, progress)
     if out.endswith(".safetensors"):
+        total = sum(t.nbytes for t in tensors)
         if total > max_bytes:
             raise InvalidArgumentError(
                 f"{out}: {total} bytes exceed --max-shard-size {max_shard_size}; give a directory "
                 "instead of a .safetensors file to write shards, or raise --max-shard-size"
             )
-        _write_file(reader, dest_parent, name, tensors, metadata, progress)
+        write_safetensors(dest_parent, name, tensors, metadata, stream)
         return [out]
-    return _write_dir(reader, dest_parent, name, tensors, metadata, max_bytes, total, progress)
+    files = write_shard_dir(
+        dest_parent,
+        name,
+        split_shards(tensors, max_bytes),
+        metadata,
+        lambda stage, key, shard: write_safetensors(stage, key, shard, metadata, stream),
+    )
+    return [f"{dest_parent.url.rstrip('/')}/{name}/{f}" for f in files]
 
 
-def _write_file(
-    reader: TensorSource,
+def safetensors_metadata(ties: Mapping[str, str]) -> dict[str, str]:
+    """The metadata of every file written: the format, and the ties (alias -> stored name)."""
+    metadata = {"format": "pt"}
+    if ties:
+        metadata[TIES_METADATA_KEY] = json.dumps(ties, sort_keys=True)
+    return metadata
+
+
+# Writes one tensor's bytes, whole, into a file being written.
+WriteTensor = Callable[[SafetensorsWriter, OutputTensor], None]
+
+
+def write_safetensors(
     storage: Storage,
     key: str,
     tensors: list[OutputTensor],
     metadata: dict[str, str],
-    progress: Callable[[int], None] | None,
+    write_tensor: WriteTensor,
 ) -> None:
+    """One safetensors file of ``tensors``, each written by ``write_tensor``; none on failure."""
     w = SafetensorsWriter(
         storage, key, [(t.name, t.dtype, t.source.shape) for t in tensors], metadata
     )
     try:
         for t in tensors:
-            _stream_tensor(reader, t, w, progress)
+            write_tensor(w, t)
         w.close()
     except BaseException:
         w.abort()
         raise
 
 
-def _stream_tensor(
-    reader: TensorSource,
-    t: OutputTensor,
-    w: SafetensorsWriter,
-    progress: Callable[[int], None] | None,
-) -> None:
-    src = dtypes.dtype(t.source.dtype)
-    window = max(1, WINDOW_BYTES // max(src.itemsize, dtypes.dtype(t.dtype).itemsize))
-    for lo in range(0, t.source.numel, window):
-        hi = min(lo + window, t.source.numel)
-        data = cast(reader.read(t.source, lo, hi), t.source.dtype, t.dtype)
-        w.write(data)
-        if progress:
-            progress(data.nbytes)
+def streamer(reader: TensorSource, progress: Callable[[int], None] | None = None) -> WriteTensor:
+    """Writes a tensor read from ``reader`` window by window, cast to its output dtype."""
+
+    def write(w: SafetensorsWriter, t: OutputTensor) -> None:
+        src = dtypes.dtype(t.source.dtype)
+        window = max(1, WINDOW_BYTES // max(src.itemsize, dtypes.dtype(t.dtype).itemsize))
+        for lo in range(0, t.source.numel, window):
+            hi = min(lo + window, t.source.numel)
+            data = cast(reader.read(t.source, lo, hi), t.source.dtype, t.dtype)
+            w.write(data)
+            if progress:
+                progress(data.nbytes)
+
+    return write
 
 
-def _write_dir(
-    reader: TensorSource,
+def write_shard_dir(
     parent: Storage,
     name: str,
-    tensors: list[OutputTensor],
+    shards: list[list[OutputTensor]],
     metadata: dict[str, str],
-    max_bytes: int,
-    total: int,
-    progress: Callable[[int], None] | None,
+    write_file: Callable[[Storage, str, list[OutputTensor]], None],
+    *,
+    single_file: str | None = None,
+    first: Mapping[str, bytes] | None = None,
 ) -> list[str]:
-    shards = split_shards(tensors, max_bytes)
+    """The directory ``name`` in ``parent``: the files of ``first``, then one safetensors file
+    per shard, written by ``write_file``, then the index (``metadata`` and the weight map).
+    ``single_file``: the name of the only file when there is one shard, with no index (a Hugging
+    Face model's ``model.safetensors``). Returns the names of the files, in the order written."""
     n = len(shards)
-    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if n == 1 and single_file is not None:
+        files, indexed = [single_file], False
+    else:
+        files, indexed = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)], True
     remote = not isinstance(parent, LocalStorage)
     # Local disks: build under a temporary name and rename the directory last. Elsewhere (object
-    # stores have no directories to rename) every file is published whole and the index, written
-    # last, marks the output complete.
+    # stores have no directories to rename) every file is published whole and the last one
+    # written (the index, or the single file) marks the output complete.
     stage_name = name if remote else f".{name}.tmp-{uuid.uuid4().hex[:12]}"
     stage = parent.child(stage_name)
     try:
+        for key, data in (first or {}).items():
+            stage.write_atomic(key, data)
         weight_map = {}
         for fname, shard in zip(files, shards):
-            _write_file(reader, stage, fname, shard, metadata, progress)
+            write_file(stage, fname, shard)
             weight_map.update({t.name: fname for t in shard})
-        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-        stage.write_atomic(INDEX_NAME, json.dumps(index, indent=2).encode())
+        if indexed:
+            total = sum(t.nbytes for shard in shards for t in shard)
+            index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+            stage.write_atomic(INDEX_NAME, json.dumps(index, indent=2).encode())
         if not remote:
             _replace_dir(parent, stage_name, name)
     except BaseException:
@@ -231,7 +259,7 @@ def _write_dir(
             with contextlib.suppress(ZshardError):
                 parent.remove_tree(stage_name)
         raise
-    return [f"{parent.url.rstrip('/')}/{name}/{f}" for f in [*files, INDEX_NAME]]
+    return [*(first or {}), *files, *([INDEX_NAME] if indexed else [])]
 
 
 def _replace_dir(parent: Storage, tmp: str, final: str) -> None:

@@ -261,11 +261,43 @@ class _Snapshot:
     release: list[Callable[[], None]] = field(default_factory=list)  # after writing
 
 
+class HostCopies:
+    """The host buffers async saves copy the partitions into, kept from one save to the next.
+
+    A save waits for the previous one before it copies, so the buffers are free by then; reusing
+    them makes the copy a plain memory copy instead of first faulting in fresh pages (on a VM
+    that returns free memory to its host, fresh pages cost more than the copy itself). The memory
+    is what an async save needs anyway, held from the first async save on; ``release`` frees it.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, str], torch.Tensor] = {}
+
+    def copy(self, key: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._bufs[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        buf.copy_(t.detach())
+        return buf
+
+    def keep_only(self, keys: set[tuple[str, str]]) -> None:
+        for key in set(self._bufs) - keys:
+            del self._bufs[key]
+
+    def release(self) -> None:
+        self._bufs.clear()
+
+
 def _snapshot(
-    engine: Checkpointable, root: str, extra: Mapping[str, Any] | None, copy: bool
+    engine: Checkpointable,
+    root: str,
+    extra: Mapping[str, Any] | None,
+    copy: bool,
+    copies: HostCopies | None = None,
 ) -> _Snapshot:
     """This rank's part of the checkpoint at the current step. ``copy``: private host copies
-    (an async save writes them while training changes the partitions)."""
+    (an async save writes them while training changes the partitions), into ``copies``' buffers
+    when given."""
     off = engine.offload
     if off is not None and off.broken:
         raise OffloadError(f"save(): {off.broken}")
@@ -283,10 +315,7 @@ def _snapshot(
             "extra": dict(extra or {}),
         },
         rank_state={"rank": engine.rank, "rng": _rng_state()},
-        shards={
-            key: to_numpy(t.detach().to("cpu", copy=copy))
-            for key, t in engine.state_tensors().items()
-        },
+        shards=_partitions(engine.state_tensors(), copy, copies),
         # Offloaded files are copied shard to shard, never through memory whole; an async save
         # copies from snapshots (file copies in the swap space) taken now.
         swapped=engine.offloaded_shards(),
@@ -296,6 +325,15 @@ def _snapshot(
         snap.swapped, drop = off.snapshot()
         snap.release.append(drop)
     return snap
+
+
+def _partitions(
+    tensors: dict[tuple[str, str], torch.Tensor], copy: bool, copies: HostCopies | None
+) -> dict[tuple[str, str], np.ndarray]:
+    if copy and copies is not None:
+        copies.keep_only(set(tensors))
+        return {key: to_numpy(copies.copy(key, t)) for key, t in tensors.items()}
+    return {key: to_numpy(t.detach().to("cpu", copy=copy)) for key, t in tensors.items()}
 
 
 class _Write:
@@ -420,7 +458,12 @@ class Checkpointer:
     def __init__(self, engine: Checkpointable) -> None:
         self.engine = engine
         self._saver = AsyncSaver()
+        self._copies = HostCopies()  # async saves' snapshot buffers, reused save after save
         self.last_stall_s = 0.0  # how long the last save blocked the training thread
+        # The last save: step, async, stall_s (training blocked), snapshot_s (part of the stall:
+        # the plan and, for an async save, the host copies), wait_s (part of the stall: waiting
+        # for the save before it). zshard train writes it to metrics.jsonl.
+        self.last_save: dict[str, Any] = {}
 
     def save(
         self,
@@ -445,8 +488,10 @@ class Checkpointer:
         use_async = cfg.async_save if async_save is None else async_save
         t0 = time.perf_counter()
         self._saver.wait()  # one save in flight at most; re-raises its failure
+        t_wait = time.perf_counter()
         engine.comm.ensure_checkpoint_group()
-        snap = _snapshot(engine, root, extra, copy=use_async)
+        snap = _snapshot(engine, root, extra, copy=use_async, copies=self._copies)
+        t_snap = time.perf_counter()
         write = _Write(snap, engine.comm, engine.rank, cfg, overwrite)
         if cfg.save_16bit:
             from zshard.train.engine._export import export_checkpoint, hf_config_json
@@ -459,6 +504,13 @@ class Checkpointer:
         else:
             write()
         self.last_stall_s = time.perf_counter() - t0
+        self.last_save = {
+            "step": snap.step,
+            "async": use_async,
+            "stall_s": self.last_stall_s,
+            "snapshot_s": t_snap - t_wait,
+            "wait_s": t_wait - t0,
+        }
         log.info(
             "checkpoint step %d -> %s (%s): training stalled %.3f s",
             snap.step,

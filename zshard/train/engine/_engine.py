@@ -41,41 +41,41 @@ from typing import Any
 import torch
 from torch import nn
 
-from zshard.errors import InvalidArgumentError, ZshardError
+from zshard.errors import InvalidArgumentError
 from zshard.train.config import ZshardConfig, load_config
 from zshard.train.engine._checkpoint import Checkpointer
+from zshard.train.engine._export import save_16bit_model as export_16bit_model
+from zshard.train.engine._gathered import gathered_module
+from zshard.train.engine._setup import (
+    allocate_state,
+    build_groups,
+    gradient_sink,
+    param_gather,
+    start_offload,
+)
+from zshard.train.engine._update import Updater
 from zshard.train.models import apply_activation_checkpointing
-from zshard.train.offload import Offload, OffloadError, SwapArray, any_rank, offload_bytes
+from zshard.train.offload import Offload, SwapArray, any_rank
 from zshard.train.optim import (
     FlatOptimizer,
     LossScaler,
-    TensorwiseItem,
     build_optimizer,
     lr_at,
     module_dtype,
     optimizer_at,
-    tensorwise_step,
 )
 from zshard.train.zero import (
-    UPDATE_WINDOW,
     Comm,
     FlatBufferGroup,
     FlatParamGroup,
-    GradReducer,
-    GradSink,
     Member,
-    ParamGather,
     Stage3,
-    ZeroPPOptions,
     buffer_groups,
     build_model,
-    build_partitioned,
-    build_replicated,
     canonical_parameters,
     numel_bytes,
     prepare_buffers,
     resolve_device,
-    seeded,
 )
 
 log = logging.getLogger("zshard.train")
@@ -144,31 +144,61 @@ class Engine:
         self.param_names, self.ties = canonical_parameters(model)
         self._offload: Offload | None = None
         if cfg.zero.offload_optimizer is not None or cfg.zero.offload_param is not None:
-            self._offload = self._start_offload()
-        self.groups = self._build_groups(model)
+            self._offload = start_offload(
+                cfg,
+                self.comm,
+                self.param_names,
+                self.optimizer.state_keys,
+                dtype=self.dtype,
+                device=self.device,
+                mixed=self.mixed,
+            )
+        self.groups = build_groups(
+            model,
+            cfg,
+            self.comm,
+            self.param_names,
+            self._offload,
+            dtype=self.dtype,
+            device=self.device,
+            mixed=self.mixed,
+        )
         self.param_names, _ = canonical_parameters(model)  # materialising made new objects
         prepare_buffers(
             model, comm=self.comm, dtype=self.dtype, device=self.device, mixed=self.mixed
         )
         self.buffer_groups: list[FlatBufferGroup] = buffer_groups(model, self.comm)
-        self._allocate_state()
-        self._stage3: Stage3 | None = None
-        self._sink = self._gradient_sink(model)
+        allocate_state(
+            self.groups,
+            self.optimizer.state_keys,
+            self._offload,
+            stage=self.stage,
+            grad_dtype=self.grad_dtype,
+            device=self.device,
+        )
+        self._sink = gradient_sink(
+            model, self.groups, self.comm, cfg.zero, self._offload, device=self.device
+        )
+        self._stage3 = self._sink if isinstance(self._sink, Stage3) else None
         self._hook_handles: list[Any] = []
         self._member_of: dict[int, tuple[FlatParamGroup, Member]] = {}
-        self._install_grad_hooks()
-        self._gather: ParamGather | None = None
-        if self.stage in (1, 2) and self.comm.distributed:
-            self._gather = ParamGather(
-                model,
-                self.groups,
-                self.comm,
-                bucket_numel=cfg.zero.allgather_bucket_size,
-                overlap=cfg.zero.overlap_comm,
-                device=self.device,
-            )
-            self._gather.install()
-        self._scratch = self._update_scratch()
+        for g in self.groups:
+            for m in g.members:
+                self._member_of[id(m.param)] = (g, m)
+                if g.trainable:
+                    self._hook_handles.append(
+                        m.param.register_post_accumulate_grad_hook(self._on_grad)
+                    )
+        self._gather = param_gather(model, self.groups, self.comm, cfg.zero, self.device)
+        self._updater = Updater(
+            self.groups,
+            self.comm,
+            self.optimizer,
+            self._offload,
+            stage=self.stage,
+            grad_dtype=self.grad_dtype,
+            device=self.device,
+        )
         self._comm_mark = self.comm.counters()  # counters at the end of the last step
         self._comm_last: dict[str, dict[str, int]] = _counter_delta(
             self._comm_mark, self._comm_mark
@@ -188,119 +218,6 @@ class Engine:
             len(self.groups),
             sum(g.numel for g in self.groups),
         )
-
-    # -- building (the phases of __init__) -----------------------------------------------------
-
-    def _build_groups(self, model: nn.Module) -> list[FlatParamGroup]:
-        """Flat groups: one per module at stage 3 (materialised one at a time, partitioned),
-        else replicated groups of all parameters; offloaded state adopted as each is built."""
-        cfg = self.config
-        on_built = self._offload.adopt if self._offload is not None else None
-        if self.stage == 3:
-            with seeded(cfg.train.seed, self.device):
-                return build_partitioned(
-                    model,
-                    comm=self.comm,
-                    dtype=self.dtype,
-                    device=self.device,
-                    mixed=self.mixed,
-                    persistence_threshold=cfg.zero.param_persistence_threshold,
-                    on_built=on_built,
-                )
-        return build_replicated(
-            self.param_names,
-            stage=self.stage,
-            comm=self.comm,
-            dtype=self.dtype,
-            device=self.device,
-            mixed=self.mixed,
-            on_built=on_built,
-        )
-
-    def _gradient_sink(self, model: nn.Module) -> GradSink:
-        """Where gradients go as backward produces them: stage 3 reduce-scatters per module
-        (and gathers parameters), stage 2 reduces buckets, stages 0-1 at the window's end."""
-        zero = self.config.zero
-        if self.stage == 3:
-            self._stage3 = Stage3(
-                model,
-                self.groups,
-                self.comm,
-                self.device,
-                zero.prefetch,
-                self._offload,
-                overlap=zero.overlap_comm,
-                zeropp=ZeroPPOptions.from_config(zero),
-            )
-            if self._stage3.zeropp is not None and self.rank == 0:
-                log.info("%s; %s", self._stage3.zeropp.opts.describe(), self._stage3.zeropp.info())
-            self._stage3.install()
-            return self._stage3
-        return GradReducer(
-            self.groups,
-            self.comm,
-            stage=self.stage,
-            bucket_numel=zero.reduce_bucket_size,
-            overlap=zero.overlap_comm,
-            device=self.device,
-        )
-
-    def _update_scratch(self) -> torch.Tensor | None:
-        """One fp32 buffer for the windowed update, allocated once: the optimizer's temporaries
-        (first half) and, when gradients are not fp32, the window's fp32 gradient (second; the
-        gradient norm converts through the first)."""
-        windowed = getattr(self.optimizer, "elementwise", False) and self._offload is None
-        trainable = [g for g in self.groups if g.trainable]
-        if not trainable or not (windowed or self.grad_dtype != torch.float32):
-            return None
-        span = max(g.update_range[1] - g.update_range[0] for g in trainable)
-        n = min(UPDATE_WINDOW, span)
-        halves = 1 if self.grad_dtype == torch.float32 else 2
-        return torch.empty(halves * n, dtype=torch.float32, device=self.device)
-
-    def _install_grad_hooks(self) -> None:
-        for g in self.groups:
-            for m in g.members:
-                self._member_of[id(m.param)] = (g, m)
-                if g.trainable:
-                    self._hook_handles.append(
-                        m.param.register_post_accumulate_grad_hook(self._on_grad)
-                    )
-
-    def _start_offload(self) -> Offload:
-        """Swap spaces checked and created on every rank, before any group is built."""
-        numel = sum(p.numel() for _, p in self.param_names)
-        trainable = sum(p.numel() for _, p in self.param_names if p.requires_grad)
-        need = offload_bytes(
-            self.config.zero,
-            numel=numel,
-            trainable=trainable,
-            world_size=self.world_size,
-            mixed=self.mixed,
-            state_keys=self.optimizer.state_keys,
-            param_itemsize=torch.empty((), dtype=self.dtype).element_size(),
-            async_save=self.config.checkpoint.async_save,
-        )
-        return Offload.create(
-            self.config.zero,
-            comm=self.comm,
-            device=self.device,
-            state_keys=self.optimizer.state_keys,
-            need_bytes=need,
-        )
-
-    def _allocate_state(self) -> None:
-        off = self._offload
-        for g in self.groups:
-            if not g.trainable:
-                continue
-            lo, hi = g.update_range
-            for key in self.optimizer.state_keys:
-                if off is None or not off.holds(g, key):
-                    g.state[key] = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
-            # Stages 0-1 accumulate whole gradients over the window; 2-3 only the partition.
-            n = g.padded_numel if self.stage < 2 else g.partition_numel
-            g.grad = torch.zeros(n, dtype=self.grad_dtype, device=self.device)
 
     # -- forward / backward / step -------------------------------------------------------------
 
@@ -391,10 +308,7 @@ class Engine:
     def _update(self) -> bool:
         trainable = [g for g in self.groups if g.trainable]
         # One all-reduce gives both the global norm and, for fp16, the overflow verdict.
-        sumsq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in trainable:
-            sumsq += self._sum_of_squares(g.grad_for_norm())
-        total = float(self.comm.all_reduce(sumsq).item())
+        total = float(self.comm.all_reduce(self._updater.sum_of_squares(trainable)).item())
         if not math.isfinite(total):
             # Skipped in every precision, as DeepSpeed's ZeRO does (bf16: check_grad_overflow).
             self.scaler.update(overflow=True)
@@ -413,24 +327,9 @@ class Engine:
         # One-cycle schedules set Adam's and LAMB's beta1 per update (DeepSpeed's OneCycle).
         optimizer = optimizer_at(self.optimizer, self.optimizer_steps, self.config.scheduler)
         self.optimizer_steps += 1
-        if self._offload is not None:
-            self._offloaded_update(trainable, unscale * coef, lr, optimizer)
-        elif getattr(optimizer, "tensorwise", False):
-            self._tensorwise_update(trainable, unscale * coef, lr, optimizer)
-        else:
-            for g in trainable:
-                if self._scratch is not None and getattr(optimizer, "elementwise", False):
-                    self._windowed_update(g, optimizer, unscale * coef, lr)
-                    continue
-                grad = g.grad_for_update()
-                grad = (
-                    grad.mul_(unscale * coef)
-                    if grad.dtype == torch.float32
-                    else grad.float().mul_(unscale * coef)
-                )
-                assert g.master is not None
-                optimizer.update(g.master, grad, g.state, step=self.optimizer_steps, lr=lr)
-                self._copy_master(g)
+        self._updater.apply(
+            trainable, optimizer, scale=unscale * coef, lr=lr, step=self.optimizer_steps
+        )
         if self._gather is not None:
             self._gather.start()  # every rank's updated partition to all, overlapping forward
         if self._stage3 is not None:
@@ -438,102 +337,6 @@ class Engine:
             self._stage3.after_step()
         self.scaler.update(overflow=False)
         return True
-
-    def _tensorwise_update(
-        self, trainable: list[FlatParamGroup], scale: float, lr: float, optimizer: Any
-    ) -> None:
-        """LAMB: per-tensor norms over pieces cut across ranks, one all-reduce of their sums."""
-        items = []
-        for g in trainable:
-            grad = g.grad_for_update()
-            grad = grad.mul_(scale) if grad.dtype == torch.float32 else grad.float().mul_(scale)
-            lo, hi = g.update_range
-            segments = [
-                (min(max(m.offset, lo), hi) - lo, min(max(m.offset + m.numel, lo), hi) - lo)
-                for m in g.members
-            ]
-            assert g.master is not None
-            items.append(TensorwiseItem(g.master, grad, g.state, segments))
-        whole = self.stage == 0 or not self.comm.distributed
-        tensorwise_step(
-            optimizer,
-            items,
-            None if whole else self.comm.all_reduce,
-            step=self.optimizer_steps,
-            lr=lr,
-        )
-        for g in trainable:
-            self._copy_master(g)
-
-    def _offloaded_update(
-        self, trainable: list[FlatParamGroup], scale: float, lr: float, optimizer: Any = None
-    ) -> None:
-        """The step streamed through offloaded state (offload.py); every rank learns whether any
-        failed before the all-gathers, so none is left waiting for a peer that gave up."""
-        assert self._offload is not None
-        error: BaseException | None = None
-        try:
-            self._offload.update(
-                trainable,
-                {g.name: g.grad_for_update() for g in trainable},
-                scale,
-                optimizer if optimizer is not None else self.optimizer,
-                step=self.optimizer_steps,
-                lr=lr,
-            )
-        except ZshardError as e:
-            error = e
-        if any_rank(self.comm, self.device, error is not None):
-            if error is not None:
-                raise error
-            raise OffloadError(
-                f"rank {self.rank}: optimizer step {self.optimizer_steps}: another rank's "
-                "offloaded state I/O failed; restart from the last checkpoint"
-            )
-
-    def _copy_master(self, g: FlatParamGroup) -> None:
-        """Module dtype partition <- master (a no-op when the master is the parameters)."""
-        assert g.master is not None and g.param_part is not None
-        if not g.master_is_param:
-            (g.flat if self.stage == 0 else g.param_part).copy_(g.master)  # type: ignore[union-attr]
-
-    def _sum_of_squares(self, grad: torch.Tensor) -> torch.Tensor:
-        """Σ grad², in fp32; a non-fp32 gradient is converted one window at a time."""
-        scratch = self._scratch
-        if grad.dtype == torch.float32 or scratch is None:
-            return torch.linalg.vector_norm(grad, dtype=torch.float32) ** 2
-        window = min(UPDATE_WINDOW, scratch.numel())
-        total = torch.zeros((), dtype=torch.float32, device=grad.device)
-        for a in range(0, grad.numel(), window):
-            b = min(grad.numel(), a + window)
-            total += torch.linalg.vector_norm(scratch[: b - a].copy_(grad[a:b])) ** 2
-        return total
-
-    def _windowed_update(
-        self, g: FlatParamGroup, optimizer: FlatOptimizer, scale: float, lr: float
-    ) -> None:
-        """An elementwise optimizer's update of ``g``, window by window through the scratch
-        buffer: the same arithmetic as one call on the whole range, no partition-sized
-        temporary (a non-fp32 gradient is converted one window at a time)."""
-        scratch = self._scratch
-        assert scratch is not None and g.master is not None
-        grad, master = g.grad_for_update(), g.master
-        window = min(UPDATE_WINDOW, scratch.numel() // (1 if grad.dtype == torch.float32 else 2))
-        opt_scratch = scratch[:window]
-        param = None if g.master_is_param else (g.flat if self.stage == 0 else g.param_part)
-        for a in range(0, master.numel(), window):
-            b = min(master.numel(), a + window)
-            gw = grad[a:b]
-            if gw.dtype == torch.float32:
-                gw = gw.mul_(scale)
-            else:
-                gw = scratch[window : window + b - a].copy_(gw).mul_(scale)
-            state = {k: t[a:b] for k, t in g.state.items()}
-            optimizer.update(  # type: ignore[call-arg]
-                master[a:b], gw, state, step=self.optimizer_steps, lr=lr, scratch=opt_scratch
-            )
-            if param is not None:
-                param[a:b].copy_(master[a:b])
 
     # -- parameters as a whole -----------------------------------------------------------------
 
@@ -543,57 +346,17 @@ class Engine:
         other stages hold them already). On exit, edits made on ``modifier_rank`` (every rank's
         own edits if None) are written back to the partitions and to the fp32 master."""
         self.synchronize()
-        s3 = self._stage3
-        if s3 is not None:
-            s3.hold_all = True
-            for g in self.groups:
-                s3.gather(g)
-        before = {}
-        if self.stage < 3:
-            for g in self.groups:
-                if g.trainable and not g.master_is_param:
-                    lo, hi = g.update_range
-                    before[g.name] = g.flat[lo:hi].clone()  # type: ignore[index]
-        ok = False
-        try:
-            yield self.module
-            ok = True
-        finally:
-            if ok:
-                self._write_back_edits(before, modifier_rank)
-            if s3 is not None:
-                s3.hold_all = False
-                s3.release_all()
-
-    def _write_back_edits(self, before: dict[str, torch.Tensor], modifier_rank: int | None) -> None:
-        off = self._offload
-        for g in self.groups:
-            assert g.flat is not None
-            if modifier_rank is not None:
-                self.comm.broadcast(g.flat, modifier_rank)
-            if self.stage == 3:
-                lo, hi = g.partition_range
-                new = g.flat[lo:hi]
-                if off is not None and off.holds(g, "param"):
-                    old = off.read_full(g, "param").to(self.device)
-                    off.fill(g, "param", _slicer(new))
-                else:
-                    assert g.param_part is not None
-                    old = g.param_part.clone()
-                    g.param_part.copy_(new)
-            elif g.name in before:
-                lo, hi = g.update_range
-                old, new = before[g.name], g.flat[lo:hi]
-            else:
-                continue
-            if g.trainable and not g.master_is_param:
-                # Only edited elements replace the master: the rest keep their fp32 bits.
-                changed = new != old
-                if off is not None and off.holds(g, "master"):
-                    off.modify(g, "master", _edits(new, changed))
-                else:
-                    assert g.master is not None
-                    g.master[changed] = new[changed].float()
+        with gathered_module(
+            self.module,
+            self.groups,
+            self.comm,
+            stage=self.stage,
+            stage3=self._stage3,
+            offload=self._offload,
+            device=self.device,
+            modifier_rank=modifier_rank,
+        ) as module:
+            yield module
 
     # -- accounting and checkpoint access --------------------------------------------------------
 
@@ -615,7 +378,7 @@ class Engine:
         comm = self._sink.buffer_bytes() + (
             self._gather.buffer_bytes() if self._gather is not None else 0
         )
-        scratch = numel_bytes(self._scratch)
+        scratch = numel_bytes(self._updater.scratch)
         # ZeRO++ hpZ: each gathered module's slice kept for the node's backward all-gather.
         secondary = self._stage3.secondary_bytes() if self._stage3 is not None else 0
         return {
@@ -773,10 +536,8 @@ class Engine:
         Face-loadable safetensors directory (``config.json`` too for an HF model). Every rank
         calls it; stage 3 gathers one module at a time; rank 0 writes, all or nothing. Returns
         ``save_dir`` on rank 0 (None elsewhere). See :mod:`zshard.train.engine._export`."""
-        from zshard.train.engine._export import save_16bit_model
-
         self.synchronize()  # stages 1-2: the parameter all-gathers of the last step
-        return save_16bit_model(
+        return export_16bit_model(
             self,
             save_dir,
             max_shard_size=max_shard_size,
@@ -811,22 +572,8 @@ class Engine:
             self.comm.close()
 
 
-def _slicer(src: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
-    return lambda a, b: src[a:b]
-
-
 def _counter_delta(
     now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]
 ) -> dict[str, dict[str, int]]:
     """Per kind, ``now - before`` of every counter."""
     return {k: {f: v - before[k][f] for f, v in c.items()} for k, c in now.items()}
-
-
-def _edits(new: torch.Tensor, changed: torch.Tensor) -> Callable[[torch.Tensor, int, int], None]:
-    """Apply the edited elements of ``new`` (where ``changed``) to a window [a, b) of a master."""
-
-    def edit(window: torch.Tensor, a: int, b: int) -> None:
-        mask = changed[a:b].to(window.device)
-        window[mask] = new[a:b].to(window.device)[mask].float()
-
-    return edit

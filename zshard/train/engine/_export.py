@@ -22,143 +22,62 @@ A tied parameter is written once, under its canonical name (transformers re-ties
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from zshard.convert.consolidate import ZshardSource, select
-from zshard.convert.safetensors_io import INDEX_NAME, TIES_METADATA_KEY, SafetensorsWriter
+from zshard.convert.consolidate import (
+    OutputTensor,
+    WriteTensor,
+    ZshardSource,
+    safetensors_metadata,
+    select,
+    split_shards,
+    streamer,
+    write_safetensors,
+    write_shard_dir,
+)
+from zshard.convert.safetensors_io import SafetensorsWriter
+from zshard.convert.tensor_source import SourceTensor
 from zshard.errors import OutputExistsError, ZshardError
 from zshard.store import dtypes, to_numpy
-from zshard.store.reader import CheckpointReader, cast
+from zshard.store.reader import CheckpointReader
 from zshard.store.root import join_url, parent_url
-from zshard.store.storage import LocalStorage, Storage, open_storage
+from zshard.store.storage import open_storage
 from zshard.units import parse_size
 
 EXPORT_DIR = "hf16"  # in each step directory (checkpoint.save_16bit)
-WINDOW_BYTES = 16 << 20
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-@dataclass(frozen=True)
-class _Tensor:
-    name: str
-    dtype: str  # zshard logical dtype name
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * dtypes.dtype(self.dtype).itemsize
-
-
-def _file_names(n: int) -> list[str]:
-    if n == 1:
-        return [SINGLE_FILE]
-    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def _shards(tensors: Sequence[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
-    shards: list[list[_Tensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
 def write_hf_dir(
     out_url: str,
-    tensors: Sequence[_Tensor],
-    chunks: Iterator[np.ndarray],
+    tensors: list[OutputTensor],
+    write_tensor: WriteTensor,
     *,
     metadata: dict[str, str],
     config_json: str | None,
     max_shard_size: str = "5GB",
     overwrite: bool = False,
 ) -> list[str]:
-    """Write ``tensors`` (their bytes coming from ``chunks`` in order, in any pieces) as an HF
-    directory at ``out_url``; returns the file names. See the module docstring for atomicity."""
+    """Write ``tensors`` (each by ``write_tensor``) as an HF directory at ``out_url``; returns
+    the file names. See the module docstring for atomicity."""
     parent_u, name = parent_url(out_url)
     parent = open_storage(parent_u)
     if parent.exists(name) and not overwrite:
         raise OutputExistsError(f"{out_url} already exists; pass overwrite=True to replace it")
-    shards = _shards(tensors, parse_size(max_shard_size))
-    files = _file_names(len(shards))
-    remote = not isinstance(parent, LocalStorage)
-    stage_name = name if remote else f".{name}.tmp-{uuid.uuid4().hex[:12]}"
-    stage = parent.child(stage_name)
-    try:
-        if config_json is not None:
-            stage.write_atomic(CONFIG_FILE, config_json.encode())
-        weight_map: dict[str, str] = {}
-        for fname, shard in zip(files, shards):
-            _write_file(stage, fname, shard, chunks, metadata)
-            weight_map.update({t.name: fname for t in shard})
-        if len(files) > 1:
-            total = sum(t.nbytes for t in tensors)
-            index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-            stage.write_atomic(INDEX_NAME, json.dumps(index, indent=2).encode())
-        if not remote:
-            _replace_dir(parent, stage_name, name)
-    except BaseException:
-        if not remote:
-            with contextlib.suppress(ZshardError, OSError):
-                parent.remove_tree(stage_name)
-        raise
-    return (
-        ([CONFIG_FILE] if config_json is not None else [])
-        + files
-        + ([INDEX_NAME] if len(files) > 1 else [])
+    return write_shard_dir(
+        parent,
+        name,
+        split_shards(tensors, parse_size(max_shard_size)),
+        metadata,
+        lambda stage, key, shard: write_safetensors(stage, key, shard, metadata, write_tensor),
+        single_file=SINGLE_FILE,
+        first={CONFIG_FILE: config_json.encode()} if config_json is not None else None,
     )
-
-
-def _write_file(
-    storage: Storage,
-    key: str,
-    shard: list[_Tensor],
-    chunks: Iterator[np.ndarray],
-    metadata: dict[str, str],
-) -> None:
-    w = SafetensorsWriter(storage, key, [(t.name, t.dtype, t.shape) for t in shard], metadata)
-    try:
-        for t in shard:
-            left = t.nbytes
-            while left > 0:
-                data = next(chunks)
-                w.write(data)
-                left -= data.nbytes
-            if left < 0:
-                raise ZshardError(f"16-bit export: data of {t.name!r} overran its size")
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
-
-
-def _replace_dir(parent: Storage, tmp: str, final: str) -> None:
-    assert isinstance(parent, LocalStorage)
-    src, dst = os.path.join(parent.root, tmp), os.path.join(parent.root, final)
-    if os.path.exists(dst):
-        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, os.path.join(parent.root, old))
-        os.rename(src, dst)
-        parent.remove_tree(old)
-    else:
-        os.rename(src, dst)
 
 
 def hf_config_json(module: Any) -> str | None:
@@ -173,36 +92,19 @@ def hf_config_json(module: Any) -> str | None:
 
 def export_checkpoint(step_url: str, dtype: str, config_json: str | None = None) -> str:
     """Stream the committed checkpoint at ``step_url`` into ``<step_url>/hf16`` in ``dtype``
-    (fp32, bf16 or fp16); returns the directory's URL. Memory: a window of 16 MB."""
+    (fp32, bf16 or fp16); returns the directory's URL. Memory: one window of ``zshard
+    consolidate`` (16 MB)."""
     source = ZshardSource(CheckpointReader.open(step_url))
-    chosen = select(source, dtype, include_optimizer=False)
-    tensors = [_Tensor(t.name, t.dtype, tuple(t.source.shape)) for t in chosen]
-
-    def chunks() -> Iterator[np.ndarray]:
-        for t in chosen:
-            src = dtypes.dtype(t.source.dtype)
-            window = max(1, WINDOW_BYTES // max(src.itemsize, dtypes.dtype(t.dtype).itemsize))
-            for lo in range(0, t.source.numel, window):
-                hi = min(lo + window, t.source.numel)
-                yield cast(source.read(t.source, lo, hi), t.source.dtype, t.dtype)
-
     out = join_url(step_url, EXPORT_DIR)
     write_hf_dir(
         out,
-        tensors,
-        chunks(),
-        metadata=_metadata(source.ties),
+        select(source, dtype, include_optimizer=False),
+        streamer(source),
+        metadata=safetensors_metadata(source.ties),
         config_json=config_json,
         overwrite=True,  # a leftover of an interrupted export of this same step
     )
     return out
-
-
-def _metadata(ties: dict[str, str]) -> dict[str, str]:
-    metadata = {"format": "pt"}
-    if ties:
-        metadata[TIES_METADATA_KEY] = json.dumps(ties, sort_keys=True)
-    return metadata
 
 
 # -- from the live engine (save_16bit_model) -----------------------------------------------------
@@ -221,13 +123,13 @@ def save_16bit_model(
     Returns ``save_dir`` on rank 0, None elsewhere."""
     groups = list(engine.groups)
     members = [(g, m) for g in groups for m in g.members]
-    tensors = [_Tensor(m.name, dtypes.from_torch(g.dtype).name, tuple(m.shape)) for g, m in members]
+    tensors = [_output(m.name, "param", g.dtype, m.shape) for g, m in members]
     buffers = [
         (n, b)
         for n, b in _persistent_buffers(engine.module)
         if n not in {m.name for _, m in members}
     ]
-    tensors += [_Tensor(n, dtypes.from_torch(b.dtype).name, tuple(b.shape)) for n, b in buffers]
+    tensors += [_output(n, "buffer", b.dtype, b.shape) for n, b in buffers]
     s3 = engine._stage3
     rank0 = engine.rank == 0
     error: BaseException | None = None
@@ -255,8 +157,8 @@ def save_16bit_model(
             write_hf_dir(
                 save_dir,
                 tensors,
-                stream,
-                metadata=_metadata(dict(engine.ties)),
+                _taker(stream),
+                metadata=safetensors_metadata(dict(engine.ties)),
                 config_json=hf_config_json(engine.module),
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
@@ -282,3 +184,24 @@ def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor
             if b is not None and name not in m._non_persistent_buffers_set:
                 out.append((f"{path}.{name}" if path else name, b))
     return out
+
+
+def _output(name: str, kind: str, dtype: torch.dtype, shape: Any) -> OutputTensor:
+    """A live tensor to write as it is, in the terms of a source's (consolidate's)."""
+    dt = dtypes.from_torch(dtype).name
+    return OutputTensor(name, SourceTensor(name, kind, tuple(shape), dt), dt)
+
+
+def _taker(chunks: Iterator[np.ndarray]) -> WriteTensor:
+    """Writes each tensor from the next pieces of ``chunks`` (in any sizes, in tensor order)."""
+
+    def write(w: SafetensorsWriter, t: OutputTensor) -> None:
+        left = t.nbytes
+        while left > 0:
+            data = next(chunks)
+            w.write(data)
+            left -= data.nbytes
+        if left < 0:
+            raise ZshardError(f"16-bit export: data of {t.name!r} overran its size")
+
+    return write

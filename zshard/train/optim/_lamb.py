@@ -23,9 +23,7 @@ from typing import Any
 
 import torch
 
-# Elements per pass window: _optimizers.UPDATE_WINDOW's value, kept here because _optimizers
-# imports this module (build_optimizer) and importing it back would be a cycle.
-_WINDOW = 1 << 20
+from zshard.train.optim._optimizers import ADAM_STATE, UPDATE_WINDOW, adam_moments, windows
 
 # (start, stop) of each tensor's piece in a flat partition, in the partition's coordinates.
 Segments = Sequence[tuple[int, int]]
@@ -45,7 +43,7 @@ class Lamb:
 
     @property
     def state_keys(self) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+        return ADAM_STATE
 
     def hyperparams(self) -> dict[str, Any]:
         return {
@@ -74,14 +72,11 @@ class Lamb:
     ) -> torch.Tensor:
         """Pass 1: update the moments; return ``(len(segments), 2)`` partial sums of ``w^2`` and
         ``u^2`` over each segment (fp32)."""
-        beta1, beta2 = self.betas
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        adam_moments(m, v, grad, self.betas)
         sums = torch.zeros(len(segments), 2, dtype=torch.float32, device=param.device)
         for i, (a, b) in enumerate(segments):
-            for lo in range(a, b, _WINDOW):
-                hi = min(lo + _WINDOW, b)
+            for lo, hi in windows(a, b, UPDATE_WINDOW):
                 p = param[lo:hi]
                 u = self._direction(p, m[lo:hi], v[lo:hi])
                 sums[i, 0] += p.float().square().sum()
@@ -113,8 +108,7 @@ class Lamb:
         m, v = state["exp_avg"], state["exp_avg_sq"]
         coeffs = ratios.tolist()
         for (a, b), coeff in zip(segments, coeffs):
-            for lo in range(a, b, _WINDOW):
-                hi = min(lo + _WINDOW, b)
+            for lo, hi in windows(a, b, UPDATE_WINDOW):
                 p = param[lo:hi]
                 p.sub_(self._direction(p, m[lo:hi], v[lo:hi]), alpha=step_size * coeff)
 

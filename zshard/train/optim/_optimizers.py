@@ -8,20 +8,19 @@ optimizer whose state is elementwise fits. The arithmetic follows the single-ten
 scalar per optimizer (every flat group steps together) and lives in the checkpoint's JSON state.
 
 Optimizers whose update is elementwise (``elementwise = True``: Adam, AdamW, SGD) may be called on
-any window of a partition; the engine calls them window by window (``UPDATE_WINDOW`` elements)
+any window of a partition; the engine calls them window by window (``zero.UPDATE_WINDOW`` elements)
 and passes a reused fp32 ``scratch`` buffer, so a step allocates nothing partition-sized. Their
 own temporaries go through that buffer (or one they keep), or are done in place on ``grad``.
+LAMB (``_lamb``) shares Adam's moments and the window; ``build_optimizer`` (``_build``) picks one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
-
-from zshard.train.config import OptimizerConfig
 
 
 class FlatOptimizer(Protocol):
@@ -53,7 +52,26 @@ class FlatOptimizer(Protocol):
     def hyperparams(self) -> dict[str, Any]: ...
 
 
-UPDATE_WINDOW = 1 << 20  # elements per optimizer-update window
+# Elements per window of an update over a longer range (the engine's own windows are
+# zero.UPDATE_WINDOW, and it passes a scratch buffer of that size).
+UPDATE_WINDOW = 1 << 20
+ADAM_STATE = ("exp_avg", "exp_avg_sq")  # Adam's and LAMB's state kinds
+
+
+def windows(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
+    """``[lo, hi)`` windows of at most ``size`` elements, in order, covering ``[start, stop)``."""
+    for lo in range(start, stop, size):
+        yield lo, min(lo + size, stop)
+
+
+def adam_moments(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, betas: tuple[float, float]
+) -> None:
+    """Adam's moments in place: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, with
+    torch's own ops (so torch's bits)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
 def _scratch(cache: dict[Any, torch.Tensor], like: torch.Tensor, numel: int) -> torch.Tensor:
@@ -84,7 +102,7 @@ class Adam:
 
     @property
     def state_keys(self) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+        return ADAM_STATE
 
     def update(
         self,
@@ -104,8 +122,7 @@ class Adam:
                 param.mul_(1 - lr * self.weight_decay)
             else:
                 grad = grad.add_(param, alpha=self.weight_decay)  # in place: same bits
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        adam_moments(exp_avg, exp_avg_sq, grad, self.betas)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         # The denominator goes through one window-sized scratch buffer: a whole-partition
@@ -115,8 +132,7 @@ class Adam:
         if scratch is None or scratch.dtype != v.dtype or scratch.device != v.device:
             scratch = _scratch(self._cache, v, min(n, UPDATE_WINDOW))
         window = min(scratch.numel(), UPDATE_WINDOW) or 1
-        for lo in range(0, n, window):
-            hi = min(lo + window, n)
+        for lo, hi in windows(0, n, window):
             denom = torch.sqrt(v[lo:hi], out=scratch[: hi - lo])
             denom.div_(bias_correction2_sqrt).add_(self.eps)
             p[lo:hi].addcdiv_(m[lo:hi], denom, value=-lr / bias_correction1)
@@ -166,23 +182,3 @@ class SGD:
             "nesterov": self.nesterov,
             "weight_decay": self.weight_decay,
         }
-
-
-def build_optimizer(cfg: OptimizerConfig) -> FlatOptimizer:
-    if cfg.name == "lamb":
-        from zshard.train.optim._lamb import Lamb
-
-        return Lamb(
-            cfg.betas,
-            cfg.eps,
-            cfg.weight_decay,
-            max_coeff=cfg.max_coeff,
-            min_coeff=cfg.min_coeff,
-            bias_correction=cfg.bias_correction,
-            eps_inside_sqrt=cfg.eps_inside_sqrt,
-        )
-    if cfg.name == "sgd":
-        return SGD(momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    return Adam(
-        betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, decoupled=cfg.name == "adamw"
-    )

@@ -247,15 +247,25 @@ class _Run:
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
             self.bar.update(1)
-        log_every = max(1, cfg.train.log_every)
-        if self.log is not None and ((step + 1) % log_every == 0 or step + 1 == cfg.train.steps):
-            self.log.append(record)
-        if (
+        saving = bool(
             self.saves is not None
             and cfg.checkpoint.every
             and (step + 1) % cfg.checkpoint.every == 0
-        ):
+        )
+        if saving:
+            assert self.saves is not None
             self.saves.periodic()  # checkpoint.on_error decides what a failure does
+            last = self.engine.checkpointer.last_save
+            if last.get("step") == self.engine.global_step:  # this step's save was taken
+                # What the save cost training (rank 0): the stall and, within it, the snapshot.
+                record["checkpoint"] = {
+                    k: last[k] for k in ("async", "stall_s", "snapshot_s", "wait_s")
+                }
+        log_every = max(1, cfg.train.log_every)
+        if self.log is not None and (
+            (step + 1) % log_every == 0 or step + 1 == cfg.train.steps or "checkpoint" in record
+        ):
+            self.log.append(record)
 
     def _finish(self, stopped: int) -> str | None:
         """The final save (unless stopped with ``on_signal: exit``); the newest checkpoint."""
