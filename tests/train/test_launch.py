@@ -79,6 +79,10 @@ def test_train_writes_metrics_and_checkpoints(tmp_path: Path) -> None:
     for key in ("loss", "lr", "tokens_per_s", "step_time_s", "peak_rss_bytes"):
         assert all(isinstance(x[key], (int, float)) for x in lines), key
     assert lines[-1]["loss"] < lines[0]["loss"]
+    # Each periodic save reports what it cost training: the stall, and the snapshot within it.
+    saved = [x for x in lines if "checkpoint" in x]
+    assert [x["step"] for x in saved] == [3, 6]
+    assert all(0 <= x["checkpoint"]["snapshot_s"] <= x["checkpoint"]["stall_s"] for x in saved)
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000003", "step-00000006"]
     r = CheckpointReader.open(str(ckpt))
     assert (r.manifest.step, r.manifest.layout.world_size, r.manifest.layout.stage) == (6, 2, 1)
