@@ -128,7 +128,7 @@ def worker(spec: Spec) -> dict[str, Any]:
         t = time.perf_counter()
         overlapped = step(i)  # training while the save is in flight
         i += 1
-        in_flight = engine.checkpointer._saver._thread is not None  # noqa: SLF001
+        in_flight = engine.checkpointer._saver.busy
         engine.wait_for_save()
         total_s = time.perf_counter() - t + call_s
         dist.barrier()

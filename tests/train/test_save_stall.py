@@ -40,7 +40,7 @@ class SlowShards:
         real = LocalStream.pwrite
 
         def pwrite(stream: LocalStream, offset: int, data: Any) -> None:
-            if "/c." in stream._final:  # noqa: SLF001 - the shard files only
+            if "/c." in stream._final:
                 self.writing.set()
                 self.threads.add(threading.current_thread().name)
                 if not self.gate.wait(timeout=60):
@@ -94,10 +94,10 @@ def test_async_save_never_waits_for_the_storage(tmp_path: Path, monkeypatch) -> 
     fresh.close()
 
     # The next async save reuses the host buffers of the first (no fresh pages to fault in).
-    before = {k: t.data_ptr() for k, t in engine.checkpointer._copies._bufs.items()}  # noqa: SLF001
+    before = {k: t.data_ptr() for k, t in engine.checkpointer._copies._bufs.items()}
     engine.save()
     engine.wait_for_save()
-    after = {k: t.data_ptr() for k, t in engine.checkpointer._copies._bufs.items()}  # noqa: SLF001
+    after = {k: t.data_ptr() for k, t in engine.checkpointer._copies._bufs.items()}
     assert before and before == after
     engine.close()
 

@@ -13,7 +13,7 @@ from zshard.store.layout import (
     pack,
     plan_partition,
 )
-from zshard.store.manifest import FORMAT_VERSION, ArrayEntry, Manifest, TensorEntry
+from zshard.store.manifest import FORMAT_VERSION, ArrayEntry, Manifest, StoredArray, TensorEntry
 from zshard.store.reader import CheckpointReader, to_numpy, to_torch
 from zshard.store.root import (
     CheckpointRef,
@@ -39,6 +39,7 @@ __all__ = [
     "Manifest",
     "ReadPiece",
     "Storage",
+    "StoredArray",
     "TensorEntry",
     "apply_retention",
     "committed_steps",

@@ -38,12 +38,13 @@ from zshard.store.root import CheckpointRef, resolve
 from zshard.store.shard import ChunkCache, Geometry, array_metadata, read_shard_range
 from zshard.store.storage import LocalStorage, Storage, open_storage
 
-# Remote stores: bytes read ahead per request, in ranged GETs of ``storage.READ_PART_BYTES``, and
-# kept in the chunk cache until used. Readers that go through a shard front to back (consolidate,
-# reshard, the engine's load, kind by kind) read each byte once, in a few large requests. The
-# cache holds two windows (shards read in turn) and the partly used chunks at their edges.
-READAHEAD_BYTES = 64 << 20
-_REMOTE_CACHE_BYTES = 2 * READAHEAD_BYTES + (16 << 20)
+# Remote stores: bytes read ahead per request, in concurrent ranged GETs of
+# ``storage.READ_PART_BYTES``, and kept in the chunk cache until used. Readers that go through a
+# shard front to back (consolidate, reshard, the engine's load, kind by kind) read each byte
+# once, in a few large requests (s3fs reads one large object in 50 MiB GETs, 10 at a time). The
+# cache holds one window and the partly used chunks at its edges.
+READAHEAD_BYTES = 128 << 20
+_REMOTE_CACHE_BYTES = READAHEAD_BYTES + (16 << 20)
 
 
 class CheckpointReader:

@@ -500,7 +500,10 @@ def read_shard_range(
         out_bytes[dst : dst + (b - a)] = cached.data[a:b]
         if whole(i) and cache is not None:
             cache.pop(key, i)  # used up: a read ahead chunk is read once
-    if check_index_bytes:
+    # The index is checked on a shard's first read: in the same request when that read starts
+    # at chunk 0 (one request fewer per shard on object stores), else on its own.
+    joint_index = check_index_bytes and bool(missing) and missing[0] == 0
+    if check_index_bytes and not joint_index:
         try:
             check_index(storage.read_range(key, 0, geo.index_nbytes), geo, dt, where)
         except (StorageError, CorruptDataError) as e:
@@ -527,8 +530,13 @@ def read_shard_range(
             kept.append((i, scratch))
         buffers += [view, memoryview(crc_buf)]
         checks.append((i, view, crc_buf))
+    index = bytearray(geo.index_nbytes if joint_index else 0)
     try:
-        storage.readinto(key, geo.chunk_offset(lo_i), buffers)
+        if joint_index:
+            storage.readinto(key, 0, [memoryview(index), *buffers])
+            check_index(bytes(index), geo, dt, where)
+        else:
+            storage.readinto(key, geo.chunk_offset(lo_i), buffers)
     except (StorageError, CorruptDataError) as e:
         raise type(e)(f"{where}: {e}") from None
     for i, view, stored in checks:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, NoReturn, Protocol
 
 from zshard.errors import CorruptDataError, StorageError
@@ -113,10 +113,11 @@ def io_pool() -> cf.ThreadPoolExecutor:
         return _POOL
 
 
-def run_all(jobs: list[Callable[[], Any]]) -> list[Any]:
-    """Run ``jobs`` on the I/O pool (inline if only one); results in order; the first error
-    raised after every job has finished (none is left running behind the caller's back)."""
-    if len(jobs) <= 1:
+def run_all(jobs: Sequence[Callable[[], Any]], concurrent: bool = True) -> list[Any]:
+    """Run ``jobs`` on the I/O pool (inline if only one, or not ``concurrent``); results in
+    order; the first error raised after every job has finished (none is left running behind the
+    caller's back)."""
+    if len(jobs) <= 1 or not concurrent:
         return [job() for job in jobs]
     futures = [io_pool().submit(job) for job in jobs]
     cf.wait(futures)
@@ -520,9 +521,40 @@ class _FsspecStream:
     def commit(self) -> None:
         try:
             with translate_errors(self._where):
-                retry.call(self._upload_once, self._where, self._policy)
+                if self._atomic_put:
+                    retry.call(self._upload_once, self._where, self._policy)
+                else:
+                    # Upload under a temporary name (retried whole, from the spool), then the
+                    # rename (retried on its own: a lost success is not re-uploaded).
+                    tmp = retry.call(self._upload_tmp, self._where, self._policy)
+                    retry.call(lambda: self._move(tmp), self._where, self._policy)
         finally:
             self._spool.close()
+
+    def _upload_tmp(self) -> str:
+        tmp = f"{self._final}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            self._upload_to(tmp)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._fs.rm(tmp)
+            raise
+        return tmp
+
+    def _move(self, tmp: str) -> None:
+        try:
+            self._fs.mv(tmp, self._final)
+        except FileNotFoundError:
+            # A repeat after a rename whose response was lost: the temporary is gone and the
+            # object is in place, whole.
+            if self._fs.exists(self._final) and self._fs.size(self._final) == self._size:
+                return
+            raise
+        except Exception:
+            moved = not self._fs.exists(tmp) and self._fs.exists(self._final)
+            if moved and self._fs.size(self._final) == self._size:
+                return  # it took effect; only the response was lost
+            raise
 
     def abort(self) -> None:
         self._spool.close()  # nothing was sent: nothing to clean up remotely
@@ -596,6 +628,7 @@ class S3Upload:
         self._upload_id: str | None = None
         self._end = 0
         self._failed = False
+        self._errors: list[cf.Future[str]] = []  # parts that failed (after their retries)
         bucket, obj, _ = storage.fs.split_path(self._path)
         self._bucket, self._obj = bucket, obj
 
@@ -645,6 +678,8 @@ class S3Upload:
         if i == 0 and self._size is not None and self._size <= self._part:
             self._single = buf  # one part in all: a single PUT at commit
             return
+        if self._errors:  # a part failed for good: stop sending the rest
+            self._errors[0].result()
         if self._upload_id is None:
             out = self._call(lambda: self._s3("create_multipart_upload"))
             self._upload_id = out["UploadId"]
@@ -664,10 +699,12 @@ class S3Upload:
                 gate.release()
 
         try:
-            self._done[i] = io_pool().submit(send)
+            fut = io_pool().submit(send)
         except BaseException:
             gate.release()
             raise
+        fut.add_done_callback(lambda f: self._errors.append(f) if f.exception() else None)
+        self._done[i] = fut
 
     def commit(self) -> None:
         try:
@@ -710,7 +747,7 @@ class S3Upload:
             except Exception as e:
                 # A repeat after a lost success finds the upload gone: the object is there.
                 gone = attempt[0] > 1 and "NoSuchUpload" in f"{type(e).__name__} {e}"
-                if gone and self._st.fs.exists(self._path):
+                if gone and self._st.exists(self._key):
                     return
                 raise
 
@@ -724,7 +761,8 @@ class S3Upload:
         self._failed = True
         futures = list(self._done.values())
         for f in futures:
-            f.cancel()
+            if f.cancel():  # never started: its slot in flight is given back here
+                _inflight().release()
         cf.wait(futures)
         self._parts.clear()
         upload_id, self._upload_id = self._upload_id, None
@@ -808,7 +846,7 @@ class FsspecStorage:
             data = memoryview(self.read_range(key, offset + lo, offset + hi))
             _scatter(views, lo, data)
 
-        run_all([functools.partial(fetch, lo, hi) for lo, hi in spans if hi > lo])
+        run_all([functools.partial(fetch, lo, hi) for lo, hi in spans if hi > lo], self.s3)
 
     def write_atomic(
         self, key: str, data: bytes, *, durable: bool = True, batch: SyncBatch | None = None
@@ -861,7 +899,10 @@ class FsspecStorage:
         self._call(key, rm)
 
 
-READ_PART_BYTES = 32 << 20
+# Ranged GETs of a large read (``FsspecStorage.readinto``): at most this many bytes each, all of
+# them in flight at once on the I/O pool. Fewer, larger requests cost the server less per byte
+# (moto even reads the whole object for every ranged GET); io_threads() of them keep a link busy.
+READ_PART_BYTES = 64 << 20
 
 
 def read_part_bytes() -> int:
@@ -881,6 +922,13 @@ def _scatter(views: list[memoryview], pos: int, data: memoryview) -> None:
         start = end
         if not data.nbytes:
             return
+
+
+def concurrent_ok(storage: Storage) -> bool:
+    """Whether calls on ``storage`` may run from several threads at once: local disks and S3
+    (s3fs runs every request on its own event loop). Other fsspec file systems, such as
+    ``memory://``, are not safe to mutate and list from several threads."""
+    return isinstance(storage, LocalStorage) or (isinstance(storage, FsspecStorage) and storage.s3)
 
 
 def open_storage(url: str) -> Storage:

@@ -50,7 +50,14 @@ from zshard.store.manifest import (
 )
 from zshard.store.root import apply_retention, step_dir_name, write_latest
 from zshard.store.shard import Geometry, PackedShardWriter, array_metadata_bytes
-from zshard.store.storage import LocalStorage, Storage, SyncBatch, open_storage, run_all
+from zshard.store.storage import (
+    LocalStorage,
+    Storage,
+    SyncBatch,
+    concurrent_ok,
+    open_storage,
+    run_all,
+)
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
@@ -180,6 +187,11 @@ class CheckpointWriter:
             self.dir.remove_tree("")
             self._write_metadata(self._batch(0))
         except BaseException:
+            # Leave nothing behind (a full disk, say): the directory was being cleared anyway.
+            for batch in self._batches.values():
+                batch.discard()
+            with contextlib.suppress(ZshardError):
+                self.dir.remove_tree("")
             self._release_lock()
             raise
 
@@ -219,7 +231,8 @@ class CheckpointWriter:
             for key, data in files.items():
                 self.dir.write_atomic(key, data, batch=batch)
         else:
-            run_all([functools.partial(self.dir.write_atomic, k, d) for k, d in files.items()])
+            jobs = [functools.partial(self.dir.write_atomic, k, d) for k, d in files.items()]
+            run_all(jobs, concurrent_ok(self.dir))
         self._meta_written = True
 
     # -- every rank --------------------------------------------------------------------------
@@ -352,7 +365,10 @@ class CheckpointWriter:
         if rank_state is None:
             rank_state = self._has_rank_state or self.dir.exists(rank_state_key(0))
         m.rank_state = world if rank_state else 0
-        listings = run_all([functools.partial(self.dir.listdir, s.path) for s in m.stored])
+        listings = run_all(
+            [functools.partial(self.dir.listdir, s.path) for s in m.stored],
+            concurrent_ok(self.dir),
+        )
         for s, listed in zip(m.stored, listings):
             present = set(listed)
             names = {s.shard_key(r).rpartition("/")[2]: r for r in range(world)}

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -219,29 +221,62 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 class AsyncSaver:
-    """One background writer thread; a new save first waits for the previous one."""
+    """One background writer thread; a new save first waits for the previous one.
+
+    The thread is started by the first save and kept, waiting for the next: starting a thread
+    makes the caller wait for it to run (up to the interpreter's 5 ms switch interval, as the new
+    thread goes straight into Python work), which would be stall on the training thread at every
+    save. It ends when the saver is garbage-collected.
+    """
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._done.set()
+        self._errors: list[BaseException] = []
+        weakref.finalize(self, self._jobs.put, None)  # the thread ends with its saver
+
+    @property
+    def busy(self) -> bool:
+        """A save is being written."""
+        return not self._done.is_set()
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        self._done.wait()
+        if self._errors:
+            raise self._errors.pop()
 
     def submit(self, job: Callable[[], None]) -> None:
-        def run() -> None:
-            try:
-                job()
-            except BaseException as e:  # re-raised on the training thread by wait()
-                self._error = e
+        self._done.clear()
+        if self._thread is None or not self._thread.is_alive():  # first save, or after fork
+            self._thread = threading.Thread(
+                target=_serve,
+                args=(self._jobs, self._done, self._errors),
+                name="zshard-checkpoint",
+                daemon=True,
+            )
+            self._thread.start()
+        self._jobs.put(job)
 
-        self._thread = threading.Thread(target=run, name="zshard-checkpoint", daemon=True)
-        self._thread.start()
+
+def _serve(
+    jobs: queue.SimpleQueue[Callable[[], None] | None],
+    done: threading.Event,
+    errors: list[BaseException],
+) -> None:
+    """The writer thread: run saves one after the other until told to stop (``None``)."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        try:
+            job()
+        except BaseException as e:  # re-raised on the training thread by wait()
+            errors.append(e)
+        finally:
+            del job
+            done.set()
 
 
 @dataclass
