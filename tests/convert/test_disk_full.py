@@ -22,7 +22,7 @@ from zshard.convert.consolidate import consolidate
 from zshard.convert.importer import import_safetensors
 from zshard.convert.reshard import reshard
 from zshard.errors import StorageError, ZshardError
-from zshard.store import storage
+from zshard.store import storage_local
 from zshard.store.reader import CheckpointReader
 from zshard.store.verify import verify
 
@@ -52,7 +52,7 @@ def disk_full(monkeypatch):
                 return _FullDisk(path, "wb")
             return open(path, mode, *args, **kwargs)
 
-        monkeypatch.setattr(storage, "open", limited_open, raising=False)
+        monkeypatch.setattr(storage_local, "open", limited_open, raising=False)
 
     return arm
 

@@ -18,11 +18,12 @@ logged and kept in ``Checkpointer.last_stall_s`` (``Engine.last_save_stall_s``).
 
 The engine is reached only through :class:`Checkpointable`; :func:`resume_source` and
 :func:`check_model_matches` are also what the launcher uses before any worker starts.
+They, the save plan and the RNG state live in ``_state``, loading in ``_load``; saving and
+:class:`Checkpointer` here.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import queue
 import threading
@@ -30,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,179 +43,38 @@ from zshard.errors import (
 )
 from zshard.store import (
     ArrayEntry,
-    CheckpointReader,
     CheckpointWriter,
     Layout,
     TensorEntry,
-    encode_bytes,
     step_dir_name,
     to_numpy,
 )
-from zshard.store.dtypes import from_torch
-from zshard.store.root import join_url, latest_name
-from zshard.store.storage import open_storage
-from zshard.train.config import CheckpointConfig, ZshardConfig
-from zshard.train.offload import Offload, OffloadError, SwapArray
-from zshard.train.optim import FlatOptimizer
-from zshard.train.zero import Comm, FlatBufferGroup, FlatParamGroup
+from zshard.store.root import join_url
+from zshard.train.config import CheckpointConfig
+from zshard.train.engine._load import _load
+from zshard.train.engine._state import (
+    Checkpointable,
+    CheckpointMismatchError,
+    _rng_state,
+    check_model_matches,
+    holds_checkpoints,
+    plan,
+    resume_source,
+)
+from zshard.train.offload import OffloadError, SwapArray
+from zshard.train.zero import Comm
+
+__all__ = [
+    "CheckpointMismatchError",
+    "Checkpointable",
+    "Checkpointer",
+    "check_model_matches",
+    "holds_checkpoints",
+    "plan",
+    "resume_source",
+]
 
 log = logging.getLogger("zshard.train")
-
-
-class CheckpointMismatchError(ZshardError, ValueError):
-    """The checkpoint holds a different model (names or shapes differ)."""
-
-
-class Checkpointable(Protocol):
-    """What checkpointing reads and restores of an engine (:class:`~.Engine` is one)."""
-
-    config: ZshardConfig
-    comm: Comm
-    rank: int
-    world_size: int
-    groups: list[FlatParamGroup]
-    buffer_groups: list[FlatBufferGroup]
-    optimizer: FlatOptimizer
-    ties: dict[str, str]
-
-    @property
-    def stage(self) -> int: ...
-
-    @property
-    def global_step(self) -> int: ...
-
-    @property
-    def offload(self) -> Offload | None: ...
-
-    @property
-    def pending_micro_batches(self) -> int:
-        """Micro batches of the current accumulation window not yet stepped."""
-        ...
-
-    def train_state(self) -> dict[str, Any]: ...
-
-    def load_train_state(self, state: Mapping[str, Any], *, with_optimizer: bool) -> None: ...
-
-    def state_tensors(self) -> dict[tuple[str, str], torch.Tensor]: ...
-
-    def offloaded_shards(self) -> dict[tuple[str, str], SwapArray]: ...
-
-    def zero_grad(self) -> None: ...
-
-
-def resume_source(cfg: CheckpointConfig) -> str | None:
-    """Where ``checkpoint.resume`` says a run starts from: None (fresh: ``never``, or ``auto``
-    with no committed checkpoint in ``checkpoint.dir``), ``checkpoint.dir`` (``auto``), or the
-    URL given. The one place this is decided, for the launcher, the loop and the engine."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        return cfg.dir if cfg.dir and holds_checkpoints(cfg.dir) else None
-    return cfg.resume
-
-
-def holds_checkpoints(root_url: str) -> bool:
-    """True when ``root_url`` has a committed checkpoint (its ``latest`` names one)."""
-    return latest_name(open_storage(root_url)) is not None
-
-
-def check_model_matches(
-    url: str,
-    manifest: Any,
-    shapes: Mapping[str, tuple[int, ...]],
-    ties: Mapping[str, str] | None = None,
-) -> None:
-    """Raise :class:`CheckpointMismatchError` unless the checkpoint at ``url`` (its ``manifest``)
-    holds a parameter of the same shape for every name in ``shapes`` and none other.
-
-    Args:
-        shapes: parameter name -> shape of the model (tied names may be given as well).
-        ties: the model's alias -> canonical parameter name, for names not in ``shapes``.
-    """
-    ties = ties or {}
-    saved: dict[str, tuple[int, ...]] = {}
-    for t in manifest.tensors:
-        if t.kind in ("param", "master"):
-            saved.setdefault(t.name, tuple(t.shape))
-    known = set(shapes) | set(ties)
-    missing, wrong = [], []
-    for name, shape in shapes.items():
-        target = name if name in saved else manifest.ties.get(name)
-        if target is None or target not in saved:
-            missing.append(name)
-        elif saved[target] != tuple(shape):
-            wrong.append(f"{name}: checkpoint {list(saved[target])}, model {list(shape)}")
-    unexpected = sorted(n for n in saved if n not in known and manifest.ties.get(n) not in known)
-    if not (missing or wrong or unexpected):
-        return
-    parts = []
-    for label, items in (
-        ("missing from checkpoint", missing),
-        ("shape differs", wrong),
-        ("not in model", unexpected),
-    ):
-        if items:
-            shown = ", ".join(items[:8]) + (
-                f", ... ({len(items)} in all)" if len(items) > 8 else ""
-            )
-            parts.append(f"{label}: {shown}")
-    raise CheckpointMismatchError(
-        f"{url}: checkpoint is from a different model ({'; '.join(parts)}); "
-        "load it into the model it was saved from"
-    )
-
-
-# -- the plan: which arrays and logical tensors a save writes -----------------------------------
-
-
-def _kinds(engine: Checkpointable, g: FlatParamGroup) -> list[str]:
-    kinds = ["param"]
-    if g.trainable:
-        if not g.master_is_param:
-            kinds.append("master")
-        kinds += list(engine.optimizer.state_keys)
-    return kinds
-
-
-def plan(engine: Checkpointable) -> tuple[Layout, list[ArrayEntry], list[TensorEntry]]:
-    """The layout, arrays and tensors of this engine's checkpoint (identical on every rank)."""
-    arrays: list[ArrayEntry] = []
-    tensors: list[TensorEntry] = []
-    for g in engine.groups:
-        for kind in _kinds(engine, g):
-            dtype = from_torch(g.dtype if kind == "param" else torch.float32).name
-            arrays.append(ArrayEntry(g.name, kind, dtype))
-            tensors += [
-                TensorEntry(m.name, kind, tuple(m.shape), dtype, m.fragments) for m in g.members
-            ]
-    for bg in engine.buffer_groups:
-        dtype = from_torch(bg.dtype).name
-        arrays.append(ArrayEntry(bg.name, "buffer", dtype))
-        tensors += [
-            TensorEntry(name, "buffer", tuple(bg.shapes[name]), dtype, bg.fragments[name])
-            for name, _, _ in bg.entries
-        ]
-    groups = tuple(g.layout for g in engine.groups) + tuple(
-        bg.layout for bg in engine.buffer_groups
-    )
-    return Layout(engine.world_size, engine.stage, groups), arrays, tensors
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": encode_bytes(torch.get_rng_state().numpy().tobytes())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = encode_bytes(torch.cuda.get_rng_state().numpy().tobytes())
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(
-            torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy())
-        )
-    if "cuda" in state and torch.cuda.is_available():
-        raw = np.frombuffer(base64.b64decode(state["cuda"]), dtype=np.uint8).copy()
-        torch.cuda.set_rng_state(torch.from_numpy(raw))
 
 
 # -- saving -------------------------------------------------------------------------------------
@@ -574,120 +434,3 @@ class Checkpointer:
         """Apply ``checkpoint.resume`` (:func:`resume_source`); the saved ``extra`` or None."""
         source = resume_source(self.engine.config.checkpoint)
         return None if source is None else self.load(source)
-
-
-# -- loading ------------------------------------------------------------------------------------
-
-
-def _has(reader: CheckpointReader, name: str, kind: str) -> bool:
-    return reader.has(name, kind) or reader.has(reader.manifest.ties.get(name, ""), kind)
-
-
-def _fill_range(
-    reader: CheckpointReader, g: FlatParamGroup, kinds: tuple[str, ...], dest: torch.Tensor, lo: int
-) -> None:
-    """``dest`` covers flat elements [lo, lo + numel): fill each member's overlap from the first
-    of ``kinds`` the checkpoint has for it."""
-    hi = lo + dest.numel()
-    for m in g.members:
-        a, b = max(lo, m.offset), min(hi, m.offset + m.numel)
-        if a >= b:
-            continue
-        kind = next(k for k in kinds if _has(reader, m.name, k))
-        src = reader.read_torch(m.name, kind, a - m.offset, b - m.offset)
-        dest[a - lo : b - lo].copy_(src)
-
-
-def _fill_kind(
-    engine: Checkpointable,
-    reader: CheckpointReader,
-    g: FlatParamGroup,
-    kind: str,
-    sources: tuple[str, ...],
-    resident: torch.Tensor | None,
-    lo: int,
-) -> None:
-    """Fill ``g``'s ``kind`` (flat elements from ``lo``) from the first of ``sources`` the
-    checkpoint has, or with zeros if ``sources`` is empty: in place when resident, else as a
-    new version of the offloaded array, streamed window by window."""
-    off = engine.offload
-    if off is not None and off.holds(g, kind):
-        dtype = g.dtype if kind == "param" else torch.float32
-
-        def produce(a: int, b: int) -> torch.Tensor:
-            buf = torch.zeros(b - a, dtype=dtype)
-            if sources:
-                _fill_range(reader, g, sources, buf, lo + a)
-            return buf
-
-        off.fill(g, kind, produce)
-        return
-    assert resident is not None, (g.name, kind)
-    if sources:
-        _fill_range(reader, g, sources, resident, lo)
-    else:
-        resident.zero_()
-
-
-def _load(engine: Checkpointable, url: str) -> dict[str, Any]:
-    """Load a checkpoint (a step directory, or a root's newest) into ``engine``.
-
-    Returns the ``extra`` mapping given to save (e.g. the data position).
-    """
-    reader = CheckpointReader.open(url)
-    shapes = {m.name: tuple(m.shape) for g in engine.groups for m in g.members}
-    check_model_matches(reader.url, reader.manifest, shapes, engine.ties)
-    keys = engine.optimizer.state_keys
-    with_optimizer = all(
-        _has(reader, m.name, k)
-        for g in engine.groups
-        if g.trainable
-        for m in g.members
-        for k in keys
-    )
-    if not with_optimizer and keys:
-        log.info(
-            "checkpoint %s has no %s state: starting the optimizer fresh",
-            reader.url,
-            "/".join(keys),
-        )
-    # The master (fp32) is the better source of parameter values when both exist. Kind by kind,
-    # group by group: each stored array is then read front to back (one shard per kind holds
-    # every group since format 2), which on object stores is a few large read-ahead requests.
-    value_kinds = ("master", "param")
-    for g in engine.groups:
-        if engine.stage < 3:
-            assert g.flat is not None
-            _fill_range(reader, g, value_kinds, g.flat, 0)
-        else:
-            _fill_kind(engine, reader, g, "param", value_kinds, g.param_part, g.partition_range[0])
-            if g.persistent and g.flat is not None:
-                assert g.param_part is not None
-                engine.comm.all_gather(g.flat, g.param_part)
-    trainable = [g for g in engine.groups if g.trainable]
-    for g in trainable:
-        if not g.master_is_param:
-            _fill_kind(engine, reader, g, "master", value_kinds, g.master, g.update_range[0])
-    for key in engine.optimizer.state_keys:
-        sources = (key,) if with_optimizer else ()
-        for g in trainable:
-            _fill_kind(engine, reader, g, key, sources, g.state.get(key), g.update_range[0])
-    for bg in engine.buffer_groups:
-        for name, t in bg.tensors():
-            if _has(reader, name, "buffer"):
-                t.copy_(reader.read_torch(name, "buffer").view(t.shape))
-            else:
-                log.warning(
-                    "checkpoint %s has no buffer %r: keeping its current value", reader.url, name
-                )
-    if engine.offload is not None:
-        engine.offload.broken = None  # every offloaded array was just rewritten whole
-    state = reader.manifest.state
-    engine.load_train_state(state.get("train", {}), with_optimizer=with_optimizer)
-    engine.zero_grad()
-    if reader.manifest.layout.world_size == engine.world_size:
-        # Same world size: each rank continues its own random stream (dropout masks...).
-        _set_rng_state(reader.read_rank_state(engine.rank).get("rng", {}))
-    log.info("loaded checkpoint %s (step %d)", reader.url, engine.global_step)
-    extra = state.get("extra", {})
-    return dict(extra) if isinstance(extra, dict) else {}
