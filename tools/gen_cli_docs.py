@@ -12,7 +12,6 @@ regenerates the text in memory and compares it with the committed file.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,9 @@ from typing import Any
 import typer.main
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tools._docgen, when run as a script
+from tools._docgen import write_or_check  # noqa: E402
+
 OUT = ROOT / "docs" / "cli.md"
 PROG = "zshard"
 
@@ -84,19 +86,7 @@ def render(app: typer.Typer | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if docs/cli.md is stale")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = OUT.read_text(encoding="utf-8") if OUT.exists() else ""
-        if current != text:
-            print(f"{OUT} is out of date; run python tools/gen_cli_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return write_or_check(OUT, render, "gen_cli_docs.py", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
