@@ -17,13 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.harness import AWS_DUMMY, moto_server, new_bucket, s3_fast_fail
+from tests.harness import AWS_DUMMY, moto_server, new_bucket, s3_fast_fail, use_bytecode_cache
 from tests.harness import subprocess_env as subprocess_env  # tests/convert/test_deepspeed.py
 from zshard.store import dtypes
 from zshard.store.layout import Layout, pack
 from zshard.store.manifest import ArrayEntry, TensorEntry
 from zshard.store.reader import to_numpy
 from zshard.store.writer import CheckpointWriter
+
+# Child interpreters that inherit this process's environment (most `zshard train` runs of the
+# tests, spawned ranks) share the bytecode cache too: see harness.use_bytecode_cache.
+use_bytecode_cache(os.environ)
 
 # ---------------------------------------------------------------------------------------------
 # Data helpers

@@ -200,11 +200,13 @@ def train_variants(
     steps: int,
     precision: str = "fp32",
     log_step: int | None = None,
+    save: tuple[str, int, str] | None = None,
 ) -> dict[str, Any]:
     """Each ZeRO++ variant in ``names`` trained from the same seed for ``steps`` steps, with
     nodes of ``node`` ranks and native collectives (each kind counted as itself): its losses,
     time, last step's counters, memory report, the collectives of step ``log_step`` in order,
-    the flat groups' partition sizes and the final master weights of this rank."""
+    the flat groups' partition sizes and the final master weights of this rank. ``save``
+    ``(variant, step, ckpt)``: that variant also saves into ``ckpt`` after ``step``."""
     import os
     import time
 
@@ -225,6 +227,8 @@ def train_variants(
             log.on = step == log_step
             losses += run_steps(engine, dataset, cfg, range(step, step + 1))
             log.on = False
+            if save is not None and save[0] == name and step + 1 == save[1]:
+                engine.save(save[2])
         state = engine.state_tensors()
         out[name] = {
             "losses": losses,

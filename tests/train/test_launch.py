@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from zshard.cli import main
 from zshard.store.reader import CheckpointReader
 
 pytestmark = pytest.mark.slow
@@ -69,11 +71,32 @@ def tree(path: Path) -> dict[str, bytes]:
     }
 
 
-def test_train_writes_metrics_and_checkpoints(tmp_path: Path) -> None:
-    ckpt = tmp_path / "run"
-    cfg = write_config(tmp_path, ckpt)
-    proc = zshard("train", str(cfg), "--nproc", "2")
+# Each `zshard train` costs seconds of start-up (launcher, agent, workers), so the runs that
+# several tests check are made once per module; a test that goes on from one copies it first.
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint root of an uninterrupted 6-step run at 2 ranks, ZeRO 1."""
+    tmp = tmp_path_factory.mktemp("straight")
+    ckpt = tmp / "run"
+    proc = zshard("train", str(write_config(tmp, ckpt)), "--nproc", "2")
     assert proc.returncode == 0, proc.stderr
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint root of the same run stopped after 3 steps (``--set train.steps=3``)."""
+    tmp = tmp_path_factory.mktemp("three")
+    ckpt = tmp / "run"
+    proc = zshard("train", str(write_config(tmp, ckpt)), "--nproc", "2", "--set", "train.steps=3")
+    assert proc.returncode == 0, proc.stderr
+    return ckpt
+
+
+def test_train_writes_metrics_and_checkpoints(straight: Path) -> None:
+    ckpt = straight
     lines = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "lr", "tokens_per_s", "step_time_s", "peak_rss_bytes"):
@@ -89,14 +112,12 @@ def test_train_writes_metrics_and_checkpoints(tmp_path: Path) -> None:
     assert zshard("verify", str(ckpt)).returncode == 0
 
 
-def test_resume_at_another_world_size_and_stage_matches_a_straight_run(tmp_path: Path) -> None:
-    straight = tmp_path / "straight"
-    assert zshard("train", str(write_config(tmp_path, straight)), "--nproc", "2").returncode == 0
-
+def test_resume_at_another_world_size_and_stage_matches_a_straight_run(
+    tmp_path: Path, straight: Path, three_steps: Path
+) -> None:
     resumed = tmp_path / "resumed"
+    shutil.copytree(three_steps, resumed)
     cfg = write_config(tmp_path, resumed)
-    first = zshard("train", str(cfg), "--nproc", "2", "--set", "train.steps=3")
-    assert first.returncode == 0, first.stderr
     # Same global batch at 3 ranks (12 = 2 x 3 x 2), ZeRO 1 -> 3 across the resume.
     second = zshard("train", str(cfg), "--nproc", "3", "--set", "zero.stage=3")
     assert second.returncode == 0, second.stderr
@@ -134,26 +155,47 @@ BAD_CONFIGS = [
 ]
 
 
+def _check_one_line_exit_2(code: object, stderr: str, needle: str) -> None:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zshard: error:"), stderr
+    assert needle in lines[0]
+    assert "Traceback" not in stderr
+
+
 @pytest.mark.parametrize(("text", "needle"), BAD_CONFIGS)
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, needle: str
+) -> None:
+    """The command's entry point in this process (a subprocess costs seconds of imports per
+    case; the test below runs the real command for a few of these)."""
+    ckpt = tmp_path / "run"
+    cfg = write_config(tmp_path, ckpt, text.replace("NOWHERE", str(tmp_path / "nowhere")))
+    before = tree(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(cfg), "--nproc", "2"])
+    _check_one_line_exit_2(info.value.code, capsys.readouterr().err, needle)
+    assert tree(tmp_path) == before
+
+
+# The real command: a config error and a resume error (found by the launcher's preflight).
+@pytest.mark.parametrize(("text", "needle"), [BAD_CONFIGS[0], BAD_CONFIGS[-1]])
+def test_bad_config_through_the_command_is_one_line_exit_2_and_writes_nothing(
     tmp_path: Path, text: str, needle: str
 ) -> None:
     ckpt = tmp_path / "run"
     cfg = write_config(tmp_path, ckpt, text.replace("NOWHERE", str(tmp_path / "nowhere")))
     before = tree(tmp_path)
     proc = zshard("train", str(cfg), "--nproc", "2", timeout=60)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("zshard: error:"), proc.stderr
-    assert needle in lines[0]
-    assert "Traceback" not in proc.stderr
+    _check_one_line_exit_2(proc.returncode, proc.stderr, needle)
     assert tree(tmp_path) == before
 
 
-def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path) -> None:
+def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path, three_steps: Path) -> None:
     ckpt = tmp_path / "run"
+    shutil.copytree(three_steps, ckpt)
     cfg = write_config(tmp_path, ckpt)
-    assert zshard("train", str(cfg), "--nproc", "2", "--set", "train.steps=3").returncode == 0
     before = tree(ckpt)
     proc = zshard("train", str(cfg), "--nproc", "2", "--set", "model.args.d_model=48", timeout=60)
     assert proc.returncode == 2

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from tests.harness import REPO, free_port, run_cli, run_ranks, subprocess_env
+from zshard.cli import main
 from zshard.store.reader import CheckpointReader
 from zshard.train.zero import record_nbytes
 
@@ -91,16 +92,25 @@ N, L = 4, 2
 M = N // L
 
 
+SAVE_AT = 10  # the "all" variant's checkpoint for the resume test below
+
+
 @pytest.fixture(scope="module")
-def trained() -> dict[str, Any]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every variant's run, and the "all" variant's checkpoint after step ``SAVE_AT``: one
+    4-rank run serves every test of this module (training the variants is most of its time)."""
+    ckpt = str(tmp_path_factory.mktemp("zeropp") / "zpp")
     calls = [
-        ("train_variants", (L, list(cases.ZEROPP), STEPS, "fp32", STEPS - 1)),
+        (
+            "train_variants",
+            (L, list(cases.ZEROPP), STEPS, "fp32", STEPS - 1, ("all", SAVE_AT, ckpt)),
+        ),
         ("check_fp16_overflow", (L,)),
     ]
     t0 = time.monotonic()
     res = run_ranks(cases.run_all, N, (calls,), timeout=600)
     ranks = [{"train_variants": r[0], "check_fp16_overflow": r[1]} for r in res]
-    return {"ranks": ranks, "seconds": time.monotonic() - t0}
+    return {"ranks": ranks, "seconds": time.monotonic() - t0, "ckpt": ckpt}
 
 
 def _expected_calls(variant: str, out: dict[str, Any]) -> tuple[list[Any], Counter[Any]]:
@@ -239,17 +249,17 @@ def test_fp16_overflow_still_skips_the_step(trained: dict[str, Any]) -> None:
 # -- checkpoints: unchanged, any world size and stage ------------------------------------------
 
 
-def test_resume_zeropp_as_plain_stage_3_at_another_world_size(tmp_path: Path) -> None:
-    """All three at 4 ranks in 2 nodes, saved after step 10 and trained on to 20; the checkpoint
-    resumed at 2 ranks as plain stage 3 continues the curve (within 2% of both the ZeRO++ run and
-    a plain run at 2 ranks, step by step). The checkpoint holds full-precision partitions only,
-    laid out as plain stage 3's."""
-    steps, save_at = 20, 10
-    zpp, plain2 = tmp_path / "zpp", tmp_path / "plain2"
-    [a] = run_ranks(
-        cases.run_all, N, ([("train_and_save", (L, "all", steps, save_at, str(zpp)))],), timeout=300
-    )[0]
-    reader = CheckpointReader.open(str(zpp))
+def test_resume_zeropp_as_plain_stage_3_at_another_world_size(
+    tmp_path: Path, trained: dict[str, Any]
+) -> None:
+    """All three at 4 ranks in 2 nodes (the module's run), saved after step 10; the checkpoint
+    resumed at 2 ranks as plain stage 3 and trained to step 20 continues the curve (within 2% of
+    both the ZeRO++ run and a plain run at 2 ranks, step by step). The checkpoint holds
+    full-precision partitions only, laid out as plain stage 3's."""
+    steps, save_at = 20, SAVE_AT
+    zpp, plain2 = trained["ckpt"], tmp_path / "plain2"
+    a = trained["ranks"][0]["train_variants"]["all"]  # no scheduler: lr constant at any length
+    reader = CheckpointReader.open(zpp)
     layout = reader.manifest.layout
     assert (reader.manifest.step, layout.world_size, layout.stage) == (save_at, N, 3)
     assert {t.kind for t in reader.manifest.tensors} == {"param", "exp_avg", "exp_avg_sq"}
@@ -259,13 +269,13 @@ def test_resume_zeropp_as_plain_stage_3_at_another_world_size(tmp_path: Path) ->
         2,
         (
             [
-                ("train_and_save", (1, "plain", steps, 0, "", str(zpp))),
+                ("train_and_save", (1, "plain", steps, 0, "", zpp)),
                 ("train_and_save", (1, "plain", steps, save_at, str(plain2))),
             ],
         ),
         timeout=300,
     )[0]
-    assert (a["start"], resumed["start"], straight["start"]) == (0, save_at, 0)
+    assert (resumed["start"], straight["start"]) == (save_at, 0)
     assert len(resumed["losses"]) == steps - save_at
     for i, loss in enumerate(resumed["losses"]):
         step = save_at + i
@@ -378,13 +388,32 @@ BAD = [
 ]
 
 
+def _check_one_line_exit_2(code: object, stderr: str, needle: str) -> None:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(re.escape(needle), lines[0]), stderr
+
+
 @pytest.mark.parametrize(("args", "needle"), BAD)
-def test_bad_zeropp_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+def test_bad_zeropp_input_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    """The command's entry point in this process: a subprocess costs seconds of imports per
+    case, and the test below runs the real command."""
     ckpt = tmp_path / "run"
     cfg = _write(tmp_path, "cfg.yaml", ckpt, 2)
     base = ["--nproc", "2"] if "--nproc" not in args else []
-    proc = run_cli("train", cfg, *base, *args, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.search(re.escape(needle), lines[0]), proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(cfg), *base, *args])
+    _check_one_line_exit_2(info.value.code, capsys.readouterr().err, needle)
+    assert not ckpt.exists()
+
+
+def test_bad_zeropp_input_through_the_command_is_one_line_exit_2(tmp_path: Path) -> None:
+    args, needle = BAD[0]
+    ckpt = tmp_path / "run"
+    cfg = _write(tmp_path, "cfg.yaml", ckpt, 2)
+    proc = run_cli("train", cfg, "--nproc", "2", *args, timeout=120)
+    _check_one_line_exit_2(proc.returncode, proc.stderr, needle)
     assert not ckpt.exists()
