@@ -37,8 +37,8 @@ run's median step time. ``--json`` keeps every step, phase (forward/backward/opt
 
 Each round also runs the *activation* probe once: a plain one-process forward + backward of the
 same model on the same micro batch (no engine, no process group; gradients already allocated by a
-warm-up step, peak reset with ``clear_refs``): its peak RSS growth is the activation peak of that
-micro batch, measured in the same run.
+warm-up step, peak reset with ``clear_refs``; the host allocator policy a zshard engine sets on the
+CPU): its peak RSS growth is the activation peak of that micro batch, measured in the same run.
 
 Communication: zshard records ``engine.stats()["comm"]`` every timed step: the bytes this rank
 handed to torch.distributed per kind of collective (counted in ``Comm`` at the call). The
@@ -477,6 +477,12 @@ def activation_probe(spec: Spec) -> dict[str, Any]:
     torch.set_num_threads(1)
     import torch._dynamo  # as in the workers
 
+    from zshard.train.engine import apply_host_alloc_policy
+
+    # The allocator policy a zshard engine sets on the CPU (engine/_host_alloc.py), so that the
+    # bound it is held to counts activations under the same allocator, not under a heap that
+    # keeps freed memory.
+    apply_host_alloc_policy()
     cfg = _gpt_config(spec)
     model = _seeded_model(spec)
     x, y = _batch(0, 0, spec, cfg.vocab_size, cfg.seq_len)

@@ -243,3 +243,79 @@ def test_windowed_update_is_bitwise_the_whole_update() -> None:
         assert torch.equal(whole, parts), name
         for k in st:
             assert torch.equal(st[k], st2[k]), (name, k)
+
+
+# The host allocator policy (engine/_host_alloc.py) is process-wide and set once, so it is
+# checked in fresh interpreters. ``mapped_after`` frees a 16 MiB tensor (glibc raises its mmap
+# threshold to 16 MiB), allocates 8 MiB and says whether those 8 MiB got a mapping of their own.
+_MAPPED_PROBE = """
+import ctypes, json, os, sys
+import torch
+
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+
+def mapped_after():
+    big = torch.empty(16 << 20, dtype=torch.uint8)
+    del big
+    before = libc.mallinfo2().hblkhd
+    t = torch.empty(8 << 20, dtype=torch.uint8)
+    return libc.mallinfo2().hblkhd - before >= 8 << 20
+
+out = {"default": mapped_after()}
+if sys.argv[1] == "engine":
+    import zshard.train as zt
+    from tests.train import _engine_cases as cases
+    zt.initialize(cases.make_model(), cases.config(1))
+else:
+    from zshard.train.engine import apply_host_alloc_policy
+    out["applied"] = apply_host_alloc_policy()
+out["policy"] = mapped_after()
+print(json.dumps(out))
+"""
+
+
+def _mapped(how: str, **env: str) -> dict[str, bool]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    full_env = {**os.environ, "PYTHONPATH": root, **env}
+    proc = subprocess.run(
+        [sys.executable, "-c", _MAPPED_PROBE, how],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=root,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "confstr"), reason="POSIX only")
+def test_a_cpu_engine_keeps_large_tensors_out_of_the_heap() -> None:
+    import os
+
+    if "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
+        pytest.skip("the policy applies to glibc only")
+    got = _mapped("engine")
+    # Without the policy glibc's risen threshold puts the 8 MiB on the heap; the engine fixes it.
+    assert got == {"default": False, "policy": True}
+
+
+def test_a_users_own_malloc_threshold_is_left_alone() -> None:
+    import os
+
+    if "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
+        pytest.skip("the policy applies to glibc only")
+    # glibc reads the variable at start-up: 32 MiB keeps 8 MiB on the heap before and after.
+    got = _mapped("policy", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
+    assert got == {"default": False, "applied": False, "policy": False}

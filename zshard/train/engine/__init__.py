@@ -11,12 +11,15 @@ from zshard.train.engine._checkpoint import (
     resume_source,
 )
 from zshard.train.engine._engine import Engine, initialize
+from zshard.train.engine._host_alloc import MMAP_THRESHOLD, apply_host_alloc_policy
 
 __all__ = [
+    "MMAP_THRESHOLD",
     "CheckpointMismatchError",
     "Checkpointable",
     "Checkpointer",
     "Engine",
+    "apply_host_alloc_policy",
     "check_model_matches",
     "holds_checkpoints",
     "initialize",

@@ -46,6 +46,7 @@ from zshard.train.config import ZshardConfig, load_config
 from zshard.train.engine._checkpoint import Checkpointer
 from zshard.train.engine._export import save_16bit_model as export_16bit_model
 from zshard.train.engine._gathered import gathered_module
+from zshard.train.engine._host_alloc import apply_host_alloc_policy
 from zshard.train.engine._setup import (
     allocate_state,
     build_groups,
@@ -115,6 +116,8 @@ class Engine:
         if (model is None) == (model_factory is None):
             raise InvalidArgumentError("initialize: give exactly one of model and model_factory")
         self.device = resolve_device(cfg.dist)
+        if self.device.type == "cpu":  # before the model's tensors: see _host_alloc.py
+            apply_host_alloc_policy()
         self.comm = Comm.from_env(cfg.dist, self.device)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.stage = cfg.zero.stage
