@@ -299,3 +299,19 @@ def test_bf16_and_bool_survive_the_store(tmp_path, small_chunks):
     assert torch.equal(read_all(reader, "bf")["x"], tensors["bf"]["x"])
     assert torch.equal(read_all(reader, "mask")["x"], tensors["mask"]["x"])
     assert verify(str(tmp_path)).ok
+
+
+def test_chunk_cache_serves_only_bytes_outside_a_hole():
+    from zshard.store.shard import ChunkCache
+
+    cache = ChunkCache(capacity=2)
+    chunk = np.arange(64, dtype=np.uint8)
+    cache.put("k", 3, chunk, hole=(16, 32))  # bytes 16-31 went to the first reader's output
+    assert cache.held("k", 3)
+    assert cache.get("k", 3, 0, 16) is chunk and cache.get("k", 3, 32, 64) is chunk
+    assert cache.get("k", 3, 8, 20) is None and cache.get("k", 3) is None
+    cache.put("k", 3, chunk)  # read again whole: no hole left
+    assert cache.get("k", 3, 16, 32) is chunk
+    cache.put("k", 4, chunk, hole=(0, 8))
+    cache.put("k", 5, chunk)  # over capacity: the oldest goes, with its hole
+    assert not cache.held("k", 3) and cache.get("k", 4, 0, 8) is None

@@ -63,8 +63,9 @@ def as_bytes(a: np.ndarray) -> memoryview:
     return np.ascontiguousarray(a).reshape(-1).data.cast("B")
 
 
-def crc(data: memoryview | bytes | bytearray | np.ndarray) -> int:
-    return int(crc32c.crc32c(as_bytes(data) if isinstance(data, np.ndarray) else data))
+def crc(data: memoryview | bytes | bytearray | np.ndarray, value: int = 0) -> int:
+    """crc32c of ``data``, continuing from ``value`` (the crc of the bytes before it)."""
+    return int(crc32c.crc32c(as_bytes(data) if isinstance(data, np.ndarray) else data, value))
 
 
 def index_nbytes(n_chunks: int) -> int:

@@ -45,7 +45,9 @@ class ChunkCache:
     one chunk with many neighbours; reading tensor by tensor would fetch and checksum such a
     chunk once per tensor. Keeping it makes a sequential load read every chunk exactly once.
     Chunks read ahead (remote stores) wait here for the reads that follow. ``capacity`` counts
-    chunks, ``max_bytes`` bytes; the oldest go first.
+    chunks, ``max_bytes`` bytes; the oldest go first. An edge chunk is kept with a *hole*: the
+    bytes its first reader took straight into its own output never passed through the scratch
+    copy (no copy of them), so only reads outside the hole are served from it.
     """
 
     def __init__(self, capacity: int = 4, max_bytes: int | None = None) -> None:
@@ -53,25 +55,37 @@ class ChunkCache:
         self.max_bytes = max_bytes
         self._bytes = 0
         self._chunks: dict[tuple[str, int], np.ndarray] = {}
+        self._holes: dict[tuple[str, int], tuple[int, int]] = {}
 
-    def get(self, key: str, index: int) -> np.ndarray | None:
-        return self._chunks.get((key, index))
+    def get(self, key: str, index: int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
+        """Chunk ``index`` of ``key`` if kept with bytes ``[lo, hi)`` filled, else None."""
+        chunk = self._chunks.get((key, index))
+        if chunk is None:
+            return None
+        a, b = self._holes.get((key, index), (0, 0))
+        hi = chunk.nbytes if hi is None else hi
+        return chunk if a >= b or hi <= a or lo >= b else None
+
+    def held(self, key: str, index: int) -> bool:
+        return (key, index) in self._chunks
 
     def pop(self, key: str, index: int) -> None:
         chunk = self._chunks.pop((key, index), None)
+        self._holes.pop((key, index), None)
         if chunk is not None:
             self._bytes -= chunk.nbytes
 
-    def put(self, key: str, index: int, chunk: np.ndarray) -> None:
-        old = self._chunks.pop((key, index), None)
-        if old is not None:
-            self._bytes -= old.nbytes
+    def put(self, key: str, index: int, chunk: np.ndarray, hole: tuple[int, int] = (0, 0)) -> None:
+        """Keep ``chunk``; bytes ``hole`` (start, stop) of it were never filled."""
+        self.pop(key, index)
         self._chunks[(key, index)] = chunk
+        if hole[0] < hole[1]:
+            self._holes[(key, index)] = hole
         self._bytes += chunk.nbytes
         while len(self._chunks) > self.capacity or (
             self.max_bytes is not None and self._bytes > self.max_bytes and len(self._chunks) > 1
         ):
-            self._bytes -= self._chunks.pop(next(iter(self._chunks))).nbytes
+            self.pop(*next(iter(self._chunks)))
 
 
 def read_shard_range(
@@ -89,10 +103,12 @@ def read_shard_range(
     """Fill ``out`` with shard elements ``[start, start + out.size)``, verifying every chunk read.
 
     Only the chunks that overlap the range are read, in one ranged request; whole chunks land
-    directly in ``out``. Chunks a previous read kept in ``cache`` (partly used edges, chunks
-    read ahead) are served from it. ``readahead`` more chunks after the range are read in the
-    same request and kept in ``cache`` (remote stores: few large requests instead of one per
-    tensor). ``where`` names the tensor or array for error messages.
+    directly in ``out``, and so does the part of an edge chunk that the range uses (the rest of
+    it goes to scratch, checksummed with it and kept in ``cache`` for the neighbouring tensor).
+    Chunks a previous read kept in ``cache`` (partly used edges, chunks read ahead) are served
+    from it. ``readahead`` more chunks after the range are read in the same request and kept in
+    ``cache`` (remote stores: few large requests instead of one per tensor). ``where`` names the
+    tensor or array for error messages.
     """
     n = out.size
     if n == 0:
@@ -115,11 +131,11 @@ def read_shard_range(
     # Serve what the cache holds; read only the span of chunks that remains.
     missing = []
     for i in range(first, last + 1):
-        cached = cache.get(key, i) if cache is not None else None
+        a, b, dst = bounds(i)
+        cached = cache.get(key, i, a, b) if cache is not None else None
         if cached is None:
             missing.append(i)
             continue
-        a, b, dst = bounds(i)
         out_bytes[dst : dst + (b - a)] = cached.data[a:b]
         if whole(i) and cache is not None:
             cache.pop(key, i)  # used up: a read ahead chunk is read once
@@ -136,23 +152,32 @@ def read_shard_range(
     lo_i, hi_i = missing[0], missing[-1]
     if cache is not None and readahead:
         for i in range(hi_i + 1, min(geo.n_chunks, hi_i + 1 + readahead)):
-            if cache.get(key, i) is not None:
+            if cache.held(key, i):
                 break
             hi_i = i
     size = geo.chunk_data_nbytes
     buffers: list[memoryview] = []
-    checks: list[tuple[int, memoryview, bytearray]] = []  # (chunk, chunk bytes, stored crc32c)
-    kept: list[tuple[int, np.ndarray]] = []  # chunks read into scratch: edges, read ahead
+    # (chunk, its bytes in order, stored crc32c)
+    checks: list[tuple[int, list[memoryview], bytearray]] = []
+    # chunks read (partly) into scratch: edges, read ahead; with the hole ``out`` took
+    kept: list[tuple[int, np.ndarray, tuple[int, int]]] = []
     for i in range(lo_i, hi_i + 1):
         crc_buf = bytearray(CRC_NBYTES)
         if i <= last and whole(i):
-            view = out_bytes[(i * c - start) * isz : ((i + 1) * c - start) * isz]
+            pieces = [out_bytes[(i * c - start) * isz : ((i + 1) * c - start) * isz]]
         else:
             scratch = np.empty(size, dtype=np.uint8)  # no zero fill: the read overwrites it
-            view = scratch.data
-            kept.append((i, scratch))
-        buffers += [view, memoryview(crc_buf)]
-        checks.append((i, view, crc_buf))
+            sv = scratch.data
+            if i <= last:  # an edge: the used bytes go straight to out
+                a, b, dst = bounds(i)
+                pieces = [sv[:a], out_bytes[dst : dst + (b - a)], sv[b:]]
+                pieces = [v for v in pieces if v.nbytes]
+                kept.append((i, scratch, (a, b)))
+            else:
+                pieces = [sv]
+                kept.append((i, scratch, (0, 0)))
+        buffers += [*pieces, memoryview(crc_buf)]
+        checks.append((i, pieces, crc_buf))
     index = bytearray(geo.index_nbytes if joint_index else 0)
     try:
         if joint_index:
@@ -162,18 +187,18 @@ def read_shard_range(
             storage.readinto(key, geo.chunk_offset(lo_i), buffers)
     except (StorageError, CorruptDataError) as e:
         raise type(e)(f"{where}: {e}") from None
-    for i, view, stored in checks:
-        if np.uint32(crc(view)).tobytes() != bytes(stored):
+    for i, pieces, stored in checks:
+        value = 0
+        for v in pieces:
+            value = crc(v, value)
+        if np.uint32(value).tobytes() != bytes(stored):
             if i > last:  # read ahead, not asked for: leave it to the read that needs it
-                kept = [(j, s) for j, s in kept if j < i]
+                kept = [k for k in kept if k[0] < i]
                 break
             raise CorruptDataError(f"{where}: chunk {i} of shard {key} fails its crc32c checksum")
-    for i, scratch in kept:
-        if i <= last:
-            a, b, dst = bounds(i)
-            out_bytes[dst : dst + (b - a)] = scratch.data[a:b]
-        if cache is not None and (i > last or not whole(i)):
-            cache.put(key, i, scratch)
+    if cache is not None:
+        for i, scratch, hole in kept:
+            cache.put(key, i, scratch, hole)
 
 
 # Copying whole shards (offload swap files -> checkpoints) ---------------------------------------
