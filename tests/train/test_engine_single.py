@@ -319,3 +319,37 @@ def test_fp16_overflow_world_size_1() -> None:
     assert out["overflow_stepped"] is False and out["overflow_params_unchanged"]
     assert out["overflow_scale_ratio"] == 0.5 and out["after_overflow_stepped"]
     assert math.isfinite(out["fp16_stage0"])
+
+
+def test_a_meta_build_runs_no_initialiser_and_imports_no_compiler():
+    """``on_meta`` (stage 3, the launcher's checks) gives the same shapes as a real build without
+    filling values that do not exist, so it never pays for ``torch._dynamo``'s import (the
+    Python meta kernels of ``normal_`` and friends import it): checked in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import json, sys, torch
+from zshard.train.models import make_model, on_meta
+with on_meta():
+    meta = make_model("gpt").model
+    t = torch.empty(1, 4)
+    t.squeeze_(0)  # shape-changing in-place operations still run
+real = make_model("gpt").model
+print(json.dumps({
+    "dynamo": "torch._dynamo" in sys.modules,
+    "meta": all(p.is_meta for p in meta.parameters()),
+    "same": [(n, list(p.shape)) for n, p in meta.named_parameters()]
+            == [(n, list(p.shape)) for n, p in real.named_parameters()],
+    "squeezed": list(t.shape),
+}))
+"""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"dynamo": False, "meta": True, "same": True, "squeezed": [4]}

@@ -20,6 +20,7 @@ from zshard.train.models._checkpointing import (
     ActivationCheckpointing,
     apply_activation_checkpointing,
 )
+from zshard.train.models._meta import on_meta
 from zshard.train.models.gpt import GPT, GPTConfig, build_model, num_params
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "hf",
     "make_model",
     "num_params",
+    "on_meta",
 ]
 
 BYTE_VOCAB_SIZE = 256  # the built-in CharDataset is byte-level

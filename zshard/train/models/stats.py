@@ -11,10 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from zshard.errors import InvalidArgumentError
-from zshard.train.models import make_model
+from zshard.train.models import make_model, on_meta
 
 # Only Ψ known: a transformer-like model with Ψ ≈ 12·L·d² and d ≈ 128·L (GPT-3's aspect ratio)
 # gives L ≈ (Ψ / 196608)^(1/3) layers; the largest gathered module is taken to be one layer.
@@ -48,7 +46,7 @@ def model_stats(name: str, kwargs: Mapping[str, Any], persistence_threshold: int
         kwargs: the provider's keyword arguments (``ZshardConfig.model_kwargs()``).
         persistence_threshold: modules with fewer parameters stay whole at stage 3.
     """
-    with torch.device("meta"):
+    with on_meta():
         model = make_model(name, **kwargs).model
     seen: set[int] = set()
     sizes: list[int] = []

@@ -19,8 +19,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-import torch
-
 from zshard.errors import CheckpointNotFoundError, ConfigError, InvalidArgumentError, ZshardError
 from zshard.store.lock import RUN_ID_ENV, RootLock
 from zshard.store.reader import CheckpointReader
@@ -28,6 +26,7 @@ from zshard.store.root import join_url, latest_name
 from zshard.store.storage import open_storage
 from zshard.train.config import ZshardConfig, default_nproc, load_with_deepspeed, warning_line
 from zshard.train.engine import check_model_matches, holds_checkpoints, resume_source
+from zshard.train.models import on_meta
 from zshard.train.offload import preflight as check_offload
 from zshard.train.run._loop import build
 from zshard.train.run._stop import (
@@ -91,7 +90,7 @@ def preflight(cfg: ZshardConfig, world_size: int) -> None:
         reader = CheckpointReader.open(source)
     except CheckpointNotFoundError:
         raise ConfigError(f"checkpoint.resume: no checkpoint at {source}") from None
-    with torch.device("meta"):
+    with on_meta():
         model = factory()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     check_model_matches(reader.url, reader.manifest, shapes)

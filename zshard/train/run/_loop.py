@@ -36,7 +36,7 @@ from zshard.train.data import (
     read_ahead,
 )
 from zshard.train.engine import initialize, resume_source
-from zshard.train.models import make_model
+from zshard.train.models import make_model, on_meta
 from zshard.train.run._saves import SaveFailed, Saves
 from zshard.train.run._stop import (
     AGENT_PID_ENV,
@@ -63,7 +63,7 @@ def build(cfg: ZshardConfig) -> tuple[Any, Any, Any]:
 
     # Build once on the meta device: no memory, and it tells us whether the provider brings data
     # and how many token ids the model embeds (the data is checked against it).
-    with torch.device("meta"):
+    with on_meta():
         meta_model = factory()
     dataset = provided[0]
     val = None

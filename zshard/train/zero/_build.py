@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from zshard.errors import InvalidArgumentError
+from zshard.train.models import on_meta
 from zshard.train.zero._comm import Comm
 from zshard.train.zero._flat import FlatBufferGroup, FlatParamGroup
 
@@ -283,7 +284,7 @@ def build_model(
 ) -> nn.Module:
     """Call ``factory``: on ``meta`` for stage 3 (values come at materialisation), else seeded."""
     if meta:
-        with torch.device("meta"):
+        with on_meta():
             return factory()
     with seeded(seed, device):
         return factory()
