@@ -27,6 +27,7 @@ this module without paying for torch.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import socket
@@ -246,6 +247,24 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     use_bytecode_cache(env)
     env.update(extra)
     return env
+
+
+def run_python_json(code: str, *args: str, timeout: float = 120, **env: str) -> Any:
+    """Run ``python -c code args`` in a fresh interpreter (this checkout importable, ``env`` on top
+    of :func:`subprocess_env`) for what is process-wide and set once (allocator settings, lazy
+    imports); return the JSON of its last output line. A non-zero exit fails with its stderr."""
+    full = subprocess_env(**env)
+    full["PYTHONPATH"] = os.pathsep.join([REPO, full.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _cli(

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import zshard.train as zt
+from tests.harness import run_python_json
 from zshard.errors import InvalidArgumentError
 from zshard.train.config import LossScaleConfig, OptimizerConfig, SchedulerConfig
 from zshard.train.engine import CheckpointMismatchError
@@ -325,11 +326,6 @@ def test_a_meta_build_runs_no_initialiser_and_imports_no_compiler():
     """``on_meta`` (stage 3, the launcher's checks) gives the same shapes as a real build without
     filling values that do not exist, so it never pays for ``torch._dynamo``'s import (the
     Python meta kernels of ``normal_`` and friends import it): checked in a fresh interpreter."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = """
 import json, sys, torch
 from zshard.train.models import make_model, on_meta
@@ -346,10 +342,5 @@ print(json.dumps({
     "squeezed": list(t.shape),
 }))
 """
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_python_json(code)
     assert got == {"dynamo": False, "meta": True, "same": True, "squeezed": [4]}

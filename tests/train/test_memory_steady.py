@@ -5,6 +5,7 @@ parameters in place between forward and backward, and start-up buffers that the 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import zshard.train as zt
-from tests.harness import run_ranks
+from tests.harness import run_python_json, run_ranks
 from zshard.train.config import load_config
 from zshard.train.report._estimate import from_config, per_rank
 
@@ -279,43 +280,18 @@ print(json.dumps(out))
 """
 
 
-def _mapped(how: str, **env: str) -> dict[str, bool]:
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[2])
-    full_env = {**os.environ, "PYTHONPATH": root, **env}
-    proc = subprocess.run(
-        [sys.executable, "-c", _MAPPED_PROBE, how],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=root,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+GLIBC = "glibc" in (getattr(os, "confstr", lambda _: "")("CS_GNU_LIBC_VERSION") or "")
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "confstr"), reason="POSIX only")
+@pytest.mark.skipif(not GLIBC, reason="the policy applies to glibc only")
 def test_a_cpu_engine_keeps_large_tensors_out_of_the_heap() -> None:
-    import os
-
-    if "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
-        pytest.skip("the policy applies to glibc only")
-    got = _mapped("engine")
+    got = run_python_json(_MAPPED_PROBE, "engine")
     # Without the policy glibc's risen threshold puts the 8 MiB on the heap; the engine fixes it.
     assert got == {"default": False, "policy": True}
 
 
+@pytest.mark.skipif(not GLIBC, reason="the policy applies to glibc only")
 def test_a_users_own_malloc_threshold_is_left_alone() -> None:
-    import os
-
-    if "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
-        pytest.skip("the policy applies to glibc only")
     # glibc reads the variable at start-up: 32 MiB keeps 8 MiB on the heap before and after.
-    got = _mapped("policy", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
+    got = run_python_json(_MAPPED_PROBE, "policy", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
     assert got == {"default": False, "applied": False, "policy": False}
