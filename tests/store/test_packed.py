@@ -21,6 +21,7 @@ from zshard.store.manifest import ArrayEntry, TensorEntry
 from zshard.store.reader import CheckpointReader
 from zshard.store.storage import LocalStorage
 from zshard.store.verify import verify
+from zshard.store import writer as writer_mod
 from zshard.store.writer import CheckpointWriter
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -266,9 +267,10 @@ def test_large_pieces_checksum_on_the_crc_thread(tmp_path, monkeypatch):
     assert_reads(CheckpointReader.open(str(tmp_path / "threaded")), mods)
 
 
-def test_one_batched_sync_per_rank(tmp_path, monkeypatch):
-    """A rank's shards, its rank state and rank 0's metadata become durable together (one fsync
-    each, concurrently), then one fsync per directory; the manifest after them, on its own."""
+def test_one_batched_sync_per_writer(tmp_path, monkeypatch):
+    """Everything one writer wrote (the shards and rank state of every rank it wrote, rank 0's
+    metadata) becomes durable together (one fsync each, concurrently), then one fsync per
+    directory; the manifest after them, on its own."""
     events: list[tuple[str, str]] = []
     real_fsync = os.fsync
 
@@ -278,13 +280,37 @@ def test_one_batched_sync_per_rank(tmp_path, monkeypatch):
         return real_fsync(fd)
 
     monkeypatch.setattr(storage.os, "fsync", fsync)
-    save_stage3(str(tmp_path), modules(12), 1)
+    save_stage3(str(tmp_path), modules(12), 2)
     files = [os.path.basename(p).split(".tmp-")[0] for k, p in events if k == "file"]
-    # 3 shards + rank state + 2 + 3 zarr.json, then the manifest; `latest` is not fsynced.
-    assert sorted(files[:-1]) == sorted(["c.0"] * 3 + ["rank-00000.json"] + ["zarr.json"] * 5)
+    # 3 shards and a rank state per rank + 2 + 3 zarr.json, then the manifest; `latest` is not
+    # fsynced.
+    assert sorted(files[:-1]) == sorted(
+        ["c.0", "c.1"] * 3 + ["rank-00000.json", "rank-00001.json"] + ["zarr.json"] * 5
+    )
     assert files[-1] == "manifest.json"
     dirs = [p for k, p in events if k == "dir"]
-    assert len(dirs) == len(set(dirs[:-1])) + 1  # each directory once per batch, + the commit
+    assert len(dirs) == len(set(dirs[:-1])) + 1  # each directory once, + the commit's
+
+
+def test_a_writer_of_many_ranks_flushes_before_its_batch_grows_too_large(tmp_path, monkeypatch):
+    """A process writing many ranks keeps at most about ``_MAX_BATCH_FILES`` files open."""
+    monkeypatch.setattr(writer_mod, "_MAX_BATCH_FILES", 4)
+    sizes: list[int] = []
+    real_flush = storage.SyncBatch.flush
+
+    def flush(self):
+        sizes.append(len(self))
+        return real_flush(self)
+
+    monkeypatch.setattr(storage.SyncBatch, "flush", flush)
+    mods = modules(5)
+    save_stage3(str(tmp_path), mods, 4)
+    flushed = [n for n in sizes if n]
+    # 5 metadata files, the first rank state and shard, then 4 files per flush at most; every
+    # rank's 3 shards and rank state made durable once.
+    assert flushed[0] == 7 and max(flushed[1:]) <= 4 and sum(flushed) == 5 + 4 * (3 + 1)
+    assert verify(str(tmp_path)).ok
+    assert_reads(CheckpointReader.open(str(tmp_path)), mods)
 
 
 # -- S3 (moto): multipart uploads and concurrent ranged GETs ---------------------------------------

@@ -16,9 +16,11 @@ torch.distributed; single-process tools just call the steps in order).
 Format 2 (docs/format.md): all flat groups of one (state kind, dtype) share one stored array, so
 a rank writes one shard per stored array, whatever the number of groups. ``write_shard(group,
 kind, data)`` writes that group's partition into its place in the shard; the shard is published
-once its last group is written. On a local disk the shards, the rank state and (rank 0) the
-zarr metadata of one rank become durable together when the rank's last shard is complete
-(``storage.SyncBatch``): their fsyncs are issued at once, then one fsync per directory.
+once its last group is written. On a local disk everything one writer writes (its ranks'
+shards and rank state, and on rank 0 the zarr metadata) becomes durable together in
+``finish``/``commit`` (``storage.SyncBatch``): their fsyncs are issued at once, then one fsync per
+directory. A process writing many ranks (reshard, import) thus pays one round of fsyncs, not one
+per rank; its batch is flushed early only when it holds ``_MAX_BATCH_FILES`` open files.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ from zshard.store.storage import (
     open_storage,
     run_all,
 )
+
+# A batch keeps each file open until it is flushed; writing thousands of ranks in one process
+# must not run into the descriptor limit.
+_MAX_BATCH_FILES = 256
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
@@ -156,7 +162,8 @@ class CheckpointWriter:
         self._open: dict[tuple[str, int], _OpenShard] = {}
         self._closed: set[tuple[str, int]] = set()  # shards published (or handed to a batch)
         self._failed: set[tuple[str, int]] = set()
-        self._batches: dict[int, SyncBatch] = {}  # per rank, local disks only
+        # Local disks only: what this writer wrote and has not yet made durable.
+        self._sync = SyncBatch() if isinstance(self.dir, LocalStorage) else None
         self._meta_written = False
 
     @property
@@ -185,11 +192,11 @@ class CheckpointWriter:
                 # half-replaced.
                 self.dir.remove_tree(MANIFEST_KEY)
             self.dir.remove_tree("")
-            self._write_metadata(self._batch(0))
+            self._write_metadata(self._sync)
         except BaseException:
             # Leave nothing behind (a full disk, say): the directory was being cleared anyway.
-            for batch in self._batches.values():
-                batch.discard()
+            if self._sync is not None:
+                self._sync.discard()
             with contextlib.suppress(ZshardError):
                 self.dir.remove_tree("")
             self._release_lock()
@@ -200,8 +207,8 @@ class CheckpointWriter:
         try:
             for shard in list(self._open.values()):
                 self._abort_shard(shard)
-            for batch in self._batches.values():
-                batch.discard()
+            if self._sync is not None:
+                self._sync.discard()
             with contextlib.suppress(ZshardError):
                 self.dir.remove_tree("")
         finally:
@@ -211,11 +218,6 @@ class CheckpointWriter:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.release()
-
-    def _batch(self, rank: int) -> SyncBatch | None:
-        if not isinstance(self.dir, LocalStorage):
-            return None
-        return self._batches.setdefault(rank, SyncBatch())
 
     def _write_metadata(self, batch: SyncBatch | None) -> None:
         """The zarr hierarchy: the step directory and ``data/`` as groups, one array each."""
@@ -258,7 +260,7 @@ class CheckpointWriter:
         shard = self._open.get(key)
         if shard is None:
             geo = stored_geometry(s)
-            sink = self.dir.open_positional(s.shard_key(r), geo.nbytes, self._batch(r))
+            sink = self.dir.open_positional(s.shard_key(r), geo.nbytes, self._sync)
             where = f"shard {s.shard_key(r)}"
             shard = _OpenShard(s, r, PackedShardWriter(sink, geo, dtypes.dtype(s.dtype), where))
             self._open[key] = shard
@@ -293,8 +295,8 @@ class CheckpointWriter:
             self._failed.add(key)
             raise
         self._closed.add(key)
-        if self._rank_complete(shard.rank):
-            self._flush(shard.rank)
+        if self._sync is not None and len(self._sync) >= _MAX_BATCH_FILES:
+            self._sync.flush()
 
     def _abort_shard(self, shard: _OpenShard) -> None:
         key = (shard.stored.path, shard.rank)
@@ -302,33 +304,20 @@ class CheckpointWriter:
         self._failed.add(key)
         shard.writer.abort()
 
-    def _rank_complete(self, rank: int) -> bool:
-        return all((s.path, rank) in self._closed for s in self.manifest.stored)
-
-    def _flush(self, rank: int) -> None:
-        batch = self._batches.get(rank)
-        if batch is not None:
-            batch.flush()
-
     def write_rank_state(self, state: dict[str, Any], rank: int | None = None) -> None:
-        """This rank's state (RNG). Written before the rank's shards, it is made durable with
-        them; after them, on its own."""
+        """This rank's state (RNG), made durable with the shards by ``finish``/``commit``."""
         r = self.rank if rank is None else rank
-        batch = None if self._rank_complete(r) else self._batch(r)
-        if batch is not None:
-            self.dir.write_atomic(rank_state_key(r), frame_json(state), batch=batch)
-        else:
-            self.dir.write_atomic(rank_state_key(r), frame_json(state))
+        self.dir.write_atomic(rank_state_key(r), frame_json(state), batch=self._sync)
         self._has_rank_state = True
 
     def finish(self) -> None:
-        """Make everything this writer wrote durable (the engine calls it before the barrier;
-        a rank's last shard does it anyway). Raises if a shard was left incomplete."""
+        """Make everything this writer wrote durable: every rank calls it before the barrier
+        that precedes rank 0's commit. Raises if a shard was left incomplete."""
         if self._open:
             left = sorted(f"{s.stored.shard_key(s.rank)}" for s in self._open.values())
             raise CorruptDataError(f"{self.dir.url}: shards left incomplete: {', '.join(left)}")
-        for rank in list(self._batches):
-            self._flush(rank)
+        if self._sync is not None:
+            self._sync.flush()
 
     # -- rank 0, after the data barrier ------------------------------------------------------
 
@@ -355,10 +344,7 @@ class CheckpointWriter:
     ) -> Manifest:
         m = self.manifest
         world = m.layout.world_size
-        if self._open:  # incomplete shards of this process: never publish them
-            self.finish()
-        for rank in list(self._batches):
-            self._flush(rank)
+        self.finish()  # raises on incomplete shards of this process: never publish them
         m.state = dict(state or {})
         m.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         m.zshard_version = __version__
@@ -384,10 +370,8 @@ class CheckpointWriter:
                 raise CorruptDataError(f"{self.dir.url}: rank state of ranks {missing} missing")
         body = m.to_bytes()
         if not self._meta_written:
-            batch = self._batch(0)
-            self._write_metadata(batch)
-            if batch is not None:
-                batch.flush()
+            self._write_metadata(self._sync)
+            self.finish()
         self.dir.write_atomic(MANIFEST_KEY, body)  # the commit point
         if update_latest:
             write_latest(self.root, self.name)
