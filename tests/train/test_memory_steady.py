@@ -295,3 +295,37 @@ def test_a_users_own_malloc_threshold_is_left_alone() -> None:
     # glibc reads the variable at start-up: 32 MiB keeps 8 MiB on the heap before and after.
     got = run_python_json(_MAPPED_PROBE, "policy", MALLOC_MMAP_THRESHOLD_=str(32 << 20))
     assert got == {"default": False, "applied": False, "policy": False}
+
+
+# ``fragment`` leaves 56 MiB of free, touched chunks between live ones on the heap (256 KiB
+# each: below any mmap threshold), then runs one backward of a CPU engine; the RSS it reports
+# before and after that backward.
+_TRIM_PROBE = """
+import json, sys
+import torch
+import zshard.train as zt
+from tests.train import _engine_cases as cases
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+engine = zt.initialize(cases.make_model(), cases.config(1))
+x, y = cases.micro_batch(0, 0, 0, 1)
+loss = engine(x, y)
+chunks = [torch.ones(1 << 16) for _ in range(256)]  # 256 KiB each, touched
+kept = chunks[::8]
+del chunks
+before = rss()
+engine.backward(loss)
+print(json.dumps({"released": before - rss(), "kept": len(kept)}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the policy applies to glibc only")
+def test_each_backward_returns_the_heaps_free_pages() -> None:
+    got = run_python_json(_TRIM_PROBE)
+    assert got["released"] >= 40 << 20, got  # of the 56 MiB freed between kept chunks
+    # A user's own allocator settings: the engine leaves the heap alone.
+    got = run_python_json(_TRIM_PROBE, MALLOC_MMAP_THRESHOLD_=str(32 << 20))
+    assert got["released"] < 8 << 20, got

@@ -46,7 +46,7 @@ from zshard.train.config import ZshardConfig, load_config
 from zshard.train.engine._checkpoint import Checkpointer
 from zshard.train.engine._export import save_16bit_model as export_16bit_model
 from zshard.train.engine._gathered import gathered_module
-from zshard.train.engine._host_alloc import apply_host_alloc_policy
+from zshard.train.engine._host_alloc import apply_host_alloc_policy, release_free_heap
 from zshard.train.engine._setup import (
     allocate_state,
     build_groups,
@@ -267,6 +267,7 @@ class Engine:
         self._window_micro += 1
         self.micro_steps += 1
         boundary = self._window_micro == self.grad_accum
+        release_free_heap()  # the forward's free heap pages (CPU; see _host_alloc.py)
         self._sink.begin_backward(boundary)
         (loss.float() * (self.scaler.scale / self.grad_accum)).backward()
         self._sink.finish_backward(boundary)  # reductions may still be in flight

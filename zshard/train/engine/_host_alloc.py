@@ -11,6 +11,12 @@ the ZeRO formula plus activations. Fixing the threshold (which also stops its ri
 tensors in their own mappings: 4 MiB measured the best trade there (1 MiB saved another 20 MiB
 at stage 3 for ~20% more CPU time per step in page faults).
 
+The forward's smaller temporaries (attention scores, MLP intermediates: below the threshold)
+still leave the heap fragmented, its free chunks resident: each backward therefore starts by
+returning the heap's free pages to the system (``malloc_trim(0)``, a few milliseconds), so that
+the pages the backward does not reuse stop counting (stage 2: -31 MiB of the bench model's peak,
+stage 3: -20 MiB).
+
 A user's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's variable for the same setting) wins: it is left
 alone, and so is every allocator but glibc's.
 """
@@ -20,12 +26,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Callable
 
 log = logging.getLogger("zshard.train")
 
 MMAP_THRESHOLD = 4 << 20  # bytes
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _applied = False
+_trim: Callable[[int], int] | None = None  # glibc's malloc_trim, once the policy is applied
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -41,7 +49,7 @@ def _glibc() -> ctypes.CDLL | None:
 def apply_host_alloc_policy() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` once per process; True if it is set
     (now or before), False where it does not apply (another libc, or the user chose a value)."""
-    global _applied
+    global _applied, _trim
     if _applied:
         return True
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
@@ -50,5 +58,13 @@ def apply_host_alloc_policy() -> bool:
     if libc is None or libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
         return False
     _applied = True
+    _trim = libc.malloc_trim
+    _trim.argtypes = [ctypes.c_size_t]
     log.debug("host allocator: glibc mmap threshold fixed at %d bytes", MMAP_THRESHOLD)
     return True
+
+
+def release_free_heap() -> None:
+    """Return the heap's free pages to the system, under the policy only (else a no-op)."""
+    if _trim is not None:
+        _trim(0)
