@@ -16,12 +16,12 @@ import zarr
 
 from zshard.errors import StorageError, ZshardError
 from zshard.store import dtypes, layout, shard, storage
+from zshard.store import writer as writer_mod
 from zshard.store.layout import Layout, pack
 from zshard.store.manifest import ArrayEntry, TensorEntry
 from zshard.store.reader import CheckpointReader
 from zshard.store.storage import LocalStorage
 from zshard.store.verify import verify
-from zshard.store import writer as writer_mod
 from zshard.store.writer import CheckpointWriter
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")

@@ -96,6 +96,12 @@ def _one_run(stage: int, overlap: bool, rank: int, world_size: int, gate: Gate) 
         gate.hold(block=overlap and stage < 2)
         engine.backward(loss)
         out[f"in_flight_after_backward_{micro}"] = engine.comm.in_flight
+        if stage == 3:
+            out[f"in_flight_bytes_after_backward_{micro}"] = engine._sink.in_flight_bytes
+            out["max_in_flight_bytes"] = engine._sink.max_in_flight_bytes
+            out["largest_group_bytes"] = max(
+                g.padded_numel * g.dtype.itemsize for g in engine.groups if g.trainable
+            )
         out[f"waits_in_backward_{micro}"] = gate.waits_while_held
         gate.release()
     gate.hold(block=False)
@@ -261,9 +267,15 @@ def test_backward_returns_before_reductions_complete(ws2: list[dict[str, Any]], 
         assert on["waits_in_backward_1"] == 0
         assert off["waits_in_backward_1"] > 0  # the blocking path reduces inside backward()
     else:
-        # Stages 2-3 reduce every backward, with a bounded number in flight.
-        slots = STAGE2_SLOTS if stage == 2 else STAGE3_SLOTS
-        assert 0 < on["in_flight_after_backward_0"] <= slots
+        # Stages 2-3 reduce every backward, with a bounded number (stage 2: of slots) or (stage
+        # 3 on gloo: each gradient all-reduced where autograd left it) of bytes in flight.
+        assert on["in_flight_after_backward_0"] > 0
+        if stage == 2:
+            assert on["in_flight_after_backward_0"] <= STAGE2_SLOTS
+        else:
+            assert on["max_in_flight_bytes"] == STAGE3_SLOTS * on["largest_group_bytes"]
+            assert 0 < on["in_flight_bytes_after_backward_0"] <= on["max_in_flight_bytes"]
+            assert off["in_flight_bytes_after_backward_0"] == 0
         assert off["in_flight_after_backward_0"] == 0
     assert on["err"] < FP32_TOL and off["err"] < FP32_TOL
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from zshard.train.config import ZeroConfig, ZshardConfig
+from zshard.train.engine._host_alloc import release_free_heap
 from zshard.train.offload import Offload, offload_bytes
 from zshard.train.zero import (
     Comm,
@@ -135,6 +136,7 @@ def gradient_sink(
             offload,
             overlap=zero.overlap_comm,
             zeropp=ZeroPPOptions.from_config(zero),
+            release_memory=release_free_heap if device.type == "cpu" else None,
         )
         if s3.zeropp is not None and comm.rank == 0:
             log.info("%s; %s", s3.zeropp.opts.describe(), s3.zeropp.info())

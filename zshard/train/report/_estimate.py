@@ -21,8 +21,9 @@ fp32); with more than one rank, ``STAGE2_SLOTS`` gradient-bucket staging slots o
 ``reduce_bucket_size`` elements at stage 2 (stages 0-1 reduce in place in the gradient), with
 native collectives (NCCL) ``GATHER_SLOTS`` all-gather slots of ``allgather_bucket_size`` elements
 at stages 1-2 (gloo gathers in place); at stage 3 the gathered modules (the one in use plus
-``zero.prefetch`` ahead), ``STAGE3_SLOTS`` staging slots for module gradients being
-reduce-scattered (plus their partitions with native collectives), and the modules below
+``zero.prefetch`` ahead), with native collectives or qgZ ``STAGE3_SLOTS`` staging slots for
+module gradients being reduce-scattered (plus their partitions with native collectives; gloo
+all-reduces each gradient in place), and the modules below
 ``param_persistence_threshold`` that stay whole. Activations, the CUDA context and allocator
 fragmentation are not counted.
 
@@ -283,12 +284,15 @@ def _buffers(inp: EstimateInput, stage: int, n: int) -> dict[str, int]:
         out["allgather_bucket"] = GATHER_SLOTS * bucket * p
     if stage == 3:
         out["gathered_modules"] = sum(ahead[: 1 + inp.prefetch]) * p
-        if n > 1:  # slots for module gradients being reduce-scattered (+ NCCL's outputs)
+        z = inp.zeropp
+        qgz = z is not None and z.quantized_gradients
+        if n > 1 and (inp.collectives == "native" or qgz):
+            # Slots for module gradients being reduce-scattered (+ NCCL's outputs); gloo
+            # all-reduces each gradient where autograd left it.
             part = math.ceil(biggest / n)
             out["module_grad"] = STAGE3_SLOTS * part * (n + (inp.collectives == "native")) * p
         if m.persistent:
             out["persistent_modules"] = m.persistent * p
-        z = inp.zeropp
         if n > 1 and z is not None:
             node = z.hpz_partition_size if z.hpz_partition_size > 1 else n  # else: one node
             if z.hpz_partition_size > 1:  # hpZ: 1/hpz of every gathered module (2Ψ/hpz, bf16)
@@ -484,7 +488,8 @@ def render(est: Estimate) -> list[str]:
         f"buffers: update scratch; reduce bucket slots (stage 2), all-gather bucket slots (1-2, "
         f"{inp.collectives} collectives: "
         f"{'in place' if inp.collectives == 'allreduce' else 'staged'}), gathered modules, "
-        "module gradient slots and persistent modules (3); activations are not counted"
+        "module gradient slots (native or qgZ) and persistent modules (3); activations are not "
+        "counted"
     )
     if inp.zeropp is not None:
         lines.append(f"{inp.zeropp.describe()} (stage 3): hpz_secondary and zeropp_staging buffers")

@@ -12,13 +12,21 @@ Each rank keeps only its partition of every flat group (one group per module own
   they see.
 - Backward: the first output hook to fire (the gradient w.r.t. the module's output exists, so the
   module's backward is next) gathers the groups again and *holds* them. Gradients arrive through
-  the parameters' post-accumulate hooks and are kept (autograd's tensors) until every parameter
-  of the group has one; then they are copied into one of ``STAGE3_SLOTS`` staging slots
-  (allocated once), an asynchronous reduce-scatter of the slot into the group's (P,) gradient
-  partition starts, and the group is released. With every slot in flight, the hook waits for
-  the oldest: a bounded number of reduce-scatters in flight; the engine waits for the rest at the
-  optimizer step. A held group is not released by a forward hook, which matters for activation
-  checkpointing: the recomputed forward runs inside backward.
+  the parameters' post-accumulate hooks. With collectives built on all-reduce (gloo), each
+  parameter's gradient (autograd's own tensor) is all-reduced in place as it arrives and the
+  part inside this rank's partition is added to the group's (P,) gradient partition when that
+  completes: no staging copy and no staging buffer, so nothing beyond the formula stays
+  allocated between backwards. With native collectives (and qgZ) a reduce-scatter needs the
+  group's gradients contiguous: they are kept until every parameter of the group has one, then
+  copied into one of ``STAGE3_SLOTS`` staging slots (allocated once) and reduce-scattered into
+  the partition. Either way the bytes in flight are bounded (``STAGE3_SLOTS`` times the largest
+  group): past that the hook waits for the oldest; the engine waits for the rest at the
+  optimizer step. The group is released once all its gradients are handed off. A held group is
+  not released by a forward hook, which matters for activation checkpointing: the recomputed
+  forward runs inside backward.
+- Host memory (CPU): backward frees each module's activations, which glibc keeps resident in
+  its heap; each time modules worth the in-flight bound are done, ``release_memory`` (the
+  engine's ``release_free_heap``) returns the heap's free pages to the system.
 - Prefetch: the first training iteration records the order groups are used in forward and in
   backward; later, using a group starts asynchronous all-gathers of the next ``prefetch``.
 - Groups smaller than the persistence threshold stay whole on every rank (``persistent``).
@@ -45,7 +53,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -99,8 +107,11 @@ class Stage3:
         *,
         overlap: bool = True,
         zeropp: ZeroPPOptions | None = None,
+        release_memory: Callable[[], None] | None = None,
     ) -> None:
         self.groups = list(groups)
+        self._release_memory = release_memory
+        self._done_bytes = 0  # of groups reduced since the last release_memory()
         self.params = params
         self.offloaded = {g.name for g in groups if params is not None and params.holds(g, "param")}
         self.comm = comm
@@ -124,6 +135,7 @@ class Stage3:
         self._inflight: dict[str, tuple[torch.Tensor, Work, torch.Tensor]] = {}
         self._held: dict[str, dict[int, torch.Tensor]] = {}  # name -> id(member) -> gradient
         self._reductions: deque[Handle] = deque()
+        self._in_flight_bytes = 0  # gradients handed to collectives not yet complete
         self._pending: dict[str, int] = {}
         self._reduced: set[str] = set()
         # The first iteration's uses per phase, in order (a tied group used twice is there
@@ -134,21 +146,25 @@ class Stage3:
         self._cursor: dict[str, int] = {_FWD: 0, _BWD: 0}
         self._handles: list[RemovableHandle] = []
         trainable = [g for g in self.groups if g.trainable]
-        self._slots: SlotPool | None = None
-        self._parts: SlotPool | None = None
-        if comm.distributed and trainable:
-            count = STAGE3_SLOTS
-            full = max(_nbytes(g.padded_numel, g.dtype) for g in trainable)
-            part = max(_nbytes(g.partition_numel, g.dtype) for g in trainable)
-            self._slots = SlotPool(count, full, device)
-            if not comm.reduce_scatter_in_place:  # slot i of both is used together
-                self._parts = SlotPool(count, part, device)
         # ZeRO++ (qwZ, hpZ, qgZ): training gathers and gradient reductions go through it.
         self.zeropp: ZeroPP | None = None
         if zeropp is not None and zeropp.enabled and comm.distributed:
             self.zeropp = ZeroPP(
                 comm, self.groups, zeropp, device, prefetch=prefetch, slots=STAGE3_SLOTS
             )
+        self._slots: SlotPool | None = None
+        self._parts: SlotPool | None = None
+        # Gradients all-reduced where autograd left them (see the module doc), or staged.
+        qgz = self.zeropp is not None and self.zeropp.reduces
+        self.direct = comm.distributed and comm.reduce_scatter_in_place and not qgz
+        full = max((_nbytes(g.padded_numel, g.dtype) for g in trainable), default=0)
+        # Gradient bytes in flight at most (direct), and between two release_memory() calls.
+        self._max_in_flight = STAGE3_SLOTS * full
+        if comm.distributed and trainable and not self.direct:
+            part = max(_nbytes(g.partition_numel, g.dtype) for g in trainable)
+            self._slots = SlotPool(STAGE3_SLOTS, full, device)
+            if not comm.reduce_scatter_in_place:  # slot i of both is used together
+                self._parts = SlotPool(STAGE3_SLOTS, part, device)
         self._reset_pending()
 
     def install(self) -> None:
@@ -172,6 +188,16 @@ class Stage3:
     @property
     def pending(self) -> int:
         return sum(1 for h in self._reductions if not h.done)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Gradient bytes handed to collectives that have not completed (direct path)."""
+        return self._in_flight_bytes
+
+    @property
+    def max_in_flight_bytes(self) -> int:
+        """The bound on :attr:`in_flight_bytes`: ``STAGE3_SLOTS`` times the largest group."""
+        return self._max_in_flight
 
     # -- gather / release ----------------------------------------------------------------------
 
@@ -319,7 +345,9 @@ class Stage3:
 
     def on_grad(self, group: FlatParamGroup, member: Member, grad: torch.Tensor) -> None:
         flat = grad.reshape(-1)
-        if self._slots is None:  # one rank: the partition is the whole group
+        if self.direct:
+            self._reduce_member(group, member, flat)
+        elif self._slots is None:  # one rank: the partition is the whole group
             assert group.grad is not None
             group.grad[member.offset : member.offset + member.numel].add_(flat)
         else:
@@ -328,6 +356,28 @@ class Stage3:
         if self._pending[group.name] == 0:
             self._reduce(group)
 
+    def _reduce_member(self, g: FlatParamGroup, m: Member, flat: torch.Tensor) -> None:
+        """All-reduce one parameter's gradient in place; on completion add the elements inside
+        this rank's partition to ``g.grad``. Every rank sends the same gradients in the same
+        order (the module doc's invariant), so the all-reduces pair up."""
+        assert g.grad is not None
+        nbytes = flat.numel() * flat.element_size()
+        while self._reductions and self._in_flight_bytes + nbytes > self._max_in_flight:
+            self._reductions.popleft().wait()
+        lo, hi = g.partition_range
+        a, b = max(lo, m.offset), min(hi, m.offset + m.numel)
+        grad_part = g.grad
+
+        def finish() -> None:
+            if a < b:
+                grad_part[a - lo : b - lo].add_(flat[a - m.offset : b - m.offset])
+            self._in_flight_bytes -= nbytes
+
+        self._in_flight_bytes += nbytes
+        self._reductions.append(self.comm.start_all_reduce(flat).then(finish))
+        if not self.overlap:
+            self.wait()
+
     def _take_slot(self) -> int:
         assert self._slots is not None
         while (i := self._slots.take()) is None:
@@ -335,7 +385,9 @@ class Stage3:
         return i
 
     def _reduce(self, g: FlatParamGroup) -> None:
-        """Start reduce-scattering ``g``'s gradients (zero where none arrived); release it."""
+        """Start reduce-scattering ``g``'s gradients (zero where none arrived); release it.
+        Direct: each gradient went on its own as it arrived (none sent for those that did not
+        arrive: their sum is zero)."""
         assert g.grad is not None
         held = self._held.pop(g.name, {})
         if self._slots is not None:
@@ -375,6 +427,14 @@ class Stage3:
         self._reduced.add(g.name)
         g.bwd_hold = False
         self.maybe_release(g)
+        if self._release_memory is not None:
+            # Backward has freed these modules' activations, which on the CPU stay resident in
+            # the host heap: hand them back each time modules worth the in-flight bound are done
+            # (on the bench model about once per transformer block: -20 MiB of peak, ~2% CPU).
+            self._done_bytes += _nbytes(g.padded_numel, g.dtype)
+            if self._done_bytes >= self._max_in_flight:
+                self._done_bytes = 0
+                self._release_memory()
 
     def finish_backward(self, boundary: bool) -> None:
         for g in self.groups:
