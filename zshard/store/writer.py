@@ -16,11 +16,13 @@ torch.distributed; single-process tools just call the steps in order).
 Format 2 (docs/format.md): all flat groups of one (state kind, dtype) share one stored array, so
 a rank writes one shard per stored array, whatever the number of groups. ``write_shard(group,
 kind, data)`` writes that group's partition into its place in the shard; the shard is published
-once its last group is written. On a local disk everything one writer writes (its ranks'
-shards and rank state, and on rank 0 the zarr metadata) becomes durable together in
-``finish``/``commit`` (``storage.SyncBatch``): their fsyncs are issued at once, then one fsync per
-directory. A process writing many ranks (reshard, import) thus pays one round of fsyncs, not one
-per rank; its batch is flushed early only when it holds ``_MAX_BATCH_FILES`` open files.
+once its last group is written. On a local disk what a writer writes becomes durable in
+batches (``storage.SyncBatch``): their fsyncs are issued at once, then one fsync per directory.
+A job's process writes its own rank (no ``rank`` argument): its shards, its rank state and (rank 0)
+the zarr metadata become durable together when its last shard is complete. A tool writing several
+ranks in one process (reshard, import) names each rank: all of them become durable together in
+``finish``/``commit`` (one round of fsyncs, not one per rank), or earlier only when the batch holds
+``_MAX_BATCH_FILES`` open files.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ class CheckpointWriter:
         self._failed: set[tuple[str, int]] = set()
         # Local disks only: what this writer wrote and has not yet made durable.
         self._sync = SyncBatch() if isinstance(self.dir, LocalStorage) else None
+        self._many_ranks = False  # ranks named explicitly: durable together at finish()
         self._meta_written = False
 
     @property
@@ -247,7 +250,7 @@ class CheckpointWriter:
 
         The groups of one stored array must be written in their order (``stored[..].segments``,
         the layout's order); a group left out would leave its shard incomplete."""
-        r = self.rank if rank is None else rank
+        r = self._rank(rank)
         try:
             s, base = self.manifest.locate(group, kind)
         except KeyError:
@@ -295,7 +298,11 @@ class CheckpointWriter:
             self._failed.add(key)
             raise
         self._closed.add(key)
-        if self._sync is not None and len(self._sync) >= _MAX_BATCH_FILES:
+        if self._sync is None:
+            return
+        if len(self._sync) >= _MAX_BATCH_FILES or (
+            not self._many_ranks and self._rank_complete(self.rank)
+        ):
             self._sync.flush()
 
     def _abort_shard(self, shard: _OpenShard) -> None:
@@ -304,15 +311,28 @@ class CheckpointWriter:
         self._failed.add(key)
         shard.writer.abort()
 
+    def _rank(self, rank: int | None) -> int:
+        if rank is not None:
+            self._many_ranks = True
+            return rank
+        return self.rank
+
+    def _rank_complete(self, rank: int) -> bool:
+        return all((s.path, rank) in self._closed for s in self.manifest.stored)
+
     def write_rank_state(self, state: dict[str, Any], rank: int | None = None) -> None:
-        """This rank's state (RNG), made durable with the shards by ``finish``/``commit``."""
-        r = self.rank if rank is None else rank
-        self.dir.write_atomic(rank_state_key(r), frame_json(state), batch=self._sync)
+        """This rank's state (RNG). Written before the rank's shards (or by a writer of several
+        ranks), it is made durable with them; after them, on its own."""
+        r = self._rank(rank)
+        own_done = not self._many_ranks and self._rank_complete(r)
+        batch = None if own_done else self._sync
+        self.dir.write_atomic(rank_state_key(r), frame_json(state), batch=batch)
         self._has_rank_state = True
 
     def finish(self) -> None:
-        """Make everything this writer wrote durable: every rank calls it before the barrier
-        that precedes rank 0's commit. Raises if a shard was left incomplete."""
+        """Make everything this writer wrote durable (the engine calls it before the barrier
+        that precedes rank 0's commit; ``commit`` calls it). Raises if a shard was left
+        incomplete."""
         if self._open:
             left = sorted(f"{s.stored.shard_key(s.rank)}" for s in self._open.values())
             raise CorruptDataError(f"{self.dir.url}: shards left incomplete: {', '.join(left)}")
