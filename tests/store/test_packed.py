@@ -348,7 +348,7 @@ def test_a_jobs_rank_publishes_its_shards_when_its_last_one_is_complete(tmp_path
     step = tmp_path / "step-00000001"
     shards = [n for n in os.listdir(step / "data" / "param.float32") if n.startswith("c.")]
     assert shards == ["c.1"]  # published: no temporary name
-    assert os.path.exists(step / "rank-00001.json")
+    assert os.path.exists(step / "ranks" / "rank-00001.json")
     w0.write_rank_state({"rank": 0})
     w0.write_shard("g", "param", np.arange(5, dtype=np.float32))
     w0.commit()
