@@ -880,8 +880,11 @@ def zshard_train(
 ) -> Any:
     """Run ``zshard train`` (a real launcher and workers) on the tiny config with the killing
     model; returns the CompletedProcess, or the Popen if not ``wait``."""
-    with open(os.path.join(workdir, "killmodel.py"), "w") as f:
-        f.write(KILLING_MODEL)
+    model = os.path.join(workdir, "killmodel.py")
+    # Runs go side by side: never rewrite the module while another run's processes import it.
+    if not os.path.exists(model) or read_text(model) != KILLING_MODEL:
+        with open(model, "w") as f:
+            f.write(KILLING_MODEL)
     cfg = os.path.join(workdir, f"cfg-{uuid.uuid4().hex[:6]}.yaml")
     write_tiny_config(cfg, ckpt, model=KILLMODEL)
     env = dict(os.environ, OMP_NUM_THREADS="1", ZSHARD_TEST_KILLS=json.dumps(kills or []))
@@ -899,6 +902,40 @@ def final_params(ckpt: str) -> dict[str, Any]:
     return {t.name: r.read_tensor(t.name, t.kind) for t in r.manifest.tensors if t.kind == kind}
 
 
+def _reap(proc: Any) -> None:
+    """Kill ``proc`` if it still runs (a launcher: its agent and workers die with it)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _check_restarted(
+    p: Any,
+    ckpt: str,
+    reference: dict[str, Any],
+    during_restart: Callable[[str, int], None] | None,
+) -> None:
+    """Run 1 of :func:`elastic_runs` (launcher ``p`` on ``ckpt``): while it holds its root,
+    ``during_restart``; then two restarts, no lock left, bitwise equal to ``reference``."""
+    from zshard.store.lock import LOCK_KEY
+    from zshard.store.reader import CheckpointReader
+
+    if during_restart is not None:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(ckpt, LOCK_KEY)):
+            assert p.poll() is None and time.monotonic() < deadline, "no lock while running"
+            time.sleep(0.05)
+        during_restart(ckpt, p.pid)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert err.count("restarting from the newest checkpoint") == 2, err
+    assert not os.path.exists(os.path.join(ckpt, LOCK_KEY)), "lock left behind"
+    got = final_params(ckpt)
+    assert got.keys() == reference.keys()
+    assert all(got[n].tobytes() == reference[n].tobytes() for n in got), "not bitwise"
+    assert CheckpointReader.open(ckpt).manifest.step == 6
+
+
 def elastic_runs(
     workdir: str, *, during_restart: Callable[[str, int], None] | None = None
 ) -> Outcome:
@@ -907,7 +944,6 @@ def elastic_runs(
     uninterrupted run. Then a run at 3 ranks killed mid-step, resumed at 2 ranks: equal within
     fp32 reduction-order noise. ``during_restart(ckpt, launcher_pid)`` runs while the restarted
     run holds its root (for the concurrency check)."""
-    from zshard.store.lock import LOCK_KEY
     from zshard.store.reader import CheckpointReader
 
     out = Outcome("SIGKILL of a `zshard train` worker (fp32, ZeRO-1, tiny GPT)")
@@ -931,27 +967,22 @@ def elastic_runs(
         {"attempt": 1, "rank": 0, "at": "forward", "n": 13},
     ]
     p = zshard_train(workdir, ckpt, "--nproc", "2", "--max-restarts", "2", kills=kills, wait=False)
-    if during_restart is not None:
-        deadline = time.monotonic() + 120
-        while not os.path.exists(os.path.join(ckpt, LOCK_KEY)):
-            assert p.poll() is None and time.monotonic() < deadline, "no lock while running"
-            time.sleep(0.05)
-        during_restart(ckpt, p.pid)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err
-    assert err.count("restarting from the newest checkpoint") == 2, err
-    assert not os.path.exists(os.path.join(ckpt, LOCK_KEY)), "lock left behind"
-    got = final_params(ckpt)
-    assert got.keys() == reference.keys()
-    assert all(got[n].tobytes() == reference[n].tobytes() for n in got), "not bitwise"
-    assert CheckpointReader.open(ckpt).manifest.step == 6
-    out.runs += 1
-    out.add("2 ranks, killed mid-save then mid-step, --max-restarts 2: bitwise equal")
-    # 2. The 3-rank run left step 3 (world size 3); resume it at 2 ranks.
+    # 2. (checked below) The 3-rank run left step 3 (world size 3); resume it at 2 ranks, side by
+    # side with run 1: a launch spends much of its wall time starting processes one after
+    # another, with a core often idle.
     m = CheckpointReader.open(resized).manifest
     assert (m.step, m.layout.world_size) == (3, 3)
-    r = zshard_train(workdir, resized, "--nproc", "2")
-    assert r.returncode == 0, r.stderr
+    p_resized = zshard_train(workdir, resized, "--nproc", "2", wait=False)
+    # A failed check below must not leave a launcher running (its agent and workers die with it).
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_reap, p)
+        cleanup.callback(_reap, p_resized)
+        _check_restarted(p, ckpt, reference, during_restart)
+        out.runs += 1
+        out.add("2 ranks, killed mid-save then mid-step, --max-restarts 2: bitwise equal")
+        # 2. The 3-rank run resumed at 2 ranks.
+        _, err_resized = p_resized.communicate(timeout=600)
+    assert p_resized.returncode == 0, err_resized
     got = final_params(resized)
     # Same samples in the same steps; only the order of fp32 gradient reductions differs
     # between 3 and 2 ranks, and Adam's normalisation magnifies that for near-zero gradients:

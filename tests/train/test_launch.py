@@ -54,6 +54,33 @@ def zshard(
     )
 
 
+def zshard_together(*argvs: list[str], timeout: float = 240) -> list[tuple[int, str]]:
+    """Several ``zshard`` commands run at the same time: (exit code, stderr) of each, in order.
+
+    A training run spends most of its wall time starting processes one after another (launcher,
+    agent, workers), with a core often idle, so independent runs finish sooner side by side.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "zshard.cli", *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for argv in argvs
+    ]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def final_params(ckpt: Path) -> dict[str, torch.Tensor]:
     r = CheckpointReader.open(str(ckpt))
     kinds = {t.kind for t in r.manifest.tensors}
@@ -72,27 +99,35 @@ def tree(path: Path) -> dict[str, bytes]:
 
 
 # Each `zshard train` costs seconds of start-up (launcher, agent, workers), so the runs that
-# several tests check are made once per module; a test that goes on from one copies it first.
+# several tests check are made once per module, side by side; a test that goes on from one
+# copies it first.
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def first_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The checkpoint roots of an uninterrupted 6-step run at 2 ranks, ZeRO 1, and of the same
+    run stopped after 3 steps (``--set train.steps=3``), made at the same time."""
+    tmp, tmp3 = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("three")
+    ckpt, ckpt3 = tmp / "run", tmp3 / "run"
+    straight_run, three_run = zshard_together(
+        ["train", str(write_config(tmp, ckpt)), "--nproc", "2"],
+        ["train", str(write_config(tmp3, ckpt3)), "--nproc", "2", "--set", "train.steps=3"],
+    )
+    assert straight_run[0] == 0, straight_run[1]
+    assert three_run[0] == 0, three_run[1]
+    return ckpt, ckpt3
+
+
+@pytest.fixture(scope="module")
+def straight(first_runs: tuple[Path, Path]) -> Path:
     """The checkpoint root of an uninterrupted 6-step run at 2 ranks, ZeRO 1."""
-    tmp = tmp_path_factory.mktemp("straight")
-    ckpt = tmp / "run"
-    proc = zshard("train", str(write_config(tmp, ckpt)), "--nproc", "2")
-    assert proc.returncode == 0, proc.stderr
-    return ckpt
+    return first_runs[0]
 
 
 @pytest.fixture(scope="module")
-def three_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def three_steps(first_runs: tuple[Path, Path]) -> Path:
     """The checkpoint root of the same run stopped after 3 steps (``--set train.steps=3``)."""
-    tmp = tmp_path_factory.mktemp("three")
-    ckpt = tmp / "run"
-    proc = zshard("train", str(write_config(tmp, ckpt)), "--nproc", "2", "--set", "train.steps=3")
-    assert proc.returncode == 0, proc.stderr
-    return ckpt
+    return first_runs[1]
 
 
 def test_train_writes_metrics_and_checkpoints(straight: Path) -> None:

@@ -6,12 +6,12 @@ bitwise."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.train import _stop_runs as runs
 from zshard.errors import ConfigError
@@ -19,15 +19,20 @@ from zshard.train.config import CheckpointConfig
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, torch.Tensor]]:
-    """The parameters after an uninterrupted run of ``runs.STEPS`` steps."""
-    yield runs.reference_run(tmp_path_factory.mktemp("reference"))
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[runs.Reference]:
+    """The parameters after an uninterrupted run of ``runs.STEPS`` steps: the run starts here,
+    in the background, and the first test that compares with it waits for it."""
+    wait = runs.start_reference(tmp_path_factory.mktemp("reference"))
+    yield wait
+    # Never leave the run behind, even if every test that needed it failed before asking.
+    with contextlib.suppress(AssertionError):
+        wait()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_the_step_and_the_rerun_resumes_bitwise(
-    tmp_path: Path, reference: dict[str, torch.Tensor], sig: signal.Signals
+    tmp_path: Path, reference: runs.Reference, sig: signal.Signals
 ) -> None:
     runs.signal_stop(tmp_path, sig, reference)
 
@@ -49,7 +54,7 @@ def test_a_killed_worker_ends_the_run_naming_the_rank(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_killed_worker_with_max_restarts_resumes_from_the_last_checkpoint(
-    tmp_path: Path, reference: dict[str, torch.Tensor]
+    tmp_path: Path, reference: runs.Reference
 ) -> None:
     runs.killed_worker_restarted(tmp_path, reference)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import textwrap
 from pathlib import Path
@@ -22,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from tests.harness import TINY_GPT, run_cli, subprocess_env
+from tests.harness import TINY_GPT, run_cli, start_cli, subprocess_env
 from zshard.errors import ConfigError
 from zshard.store.reader import CheckpointReader
 from zshard.train.config import load_config
@@ -646,6 +647,22 @@ def train(cfg: Path, *args: str, env: dict[str, str] | None = None) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def train_together(*runs: tuple[Path, list[str]]) -> None:
+    """:func:`train` of each (config, arguments) at the same time. A run spends most of its wall
+    time starting processes one after another (launcher, agent, workers), with a core often
+    idle, so independent runs finish sooner side by side."""
+    procs = [start_cli("train", cfg, *args) for cfg, args in runs]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err
+
+
 def params(ckpt: Path) -> dict[str, torch.Tensor]:
     r = CheckpointReader.open(str(ckpt))
     kind = "master" if any(t.kind == "master" for t in r.manifest.tensors) else "param"
@@ -661,29 +678,41 @@ def losses(ckpt: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """6 steps at world size 2 on the local multi-file corpus: (corpus dir, checkpoint root)."""
+def token_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Two runs at world size 2 on the local multi-file corpus, made side by side: 6 steps on
+    the shards named one by one, and 3 steps on the same shards by one glob. Returns (corpus dir,
+    the 6-step checkpoint root, the 3-step one)."""
     root = tmp_path_factory.mktemp("tokens-run")
     token_corpus(root / "data")
-    ckpt = root / "straight"
+    ckpt, three = root / "straight", root / "three"
     cfg = write_cfg(
         root / "straight.yaml",
         ckpt,
         f"[{root}/data/part-0.bin, '{root}/data/part-[12].bin']",
         f"{root}/data/val.bin",
     )
-    train(cfg, "--nproc", "2")
-    return root / "data", ckpt
+    cfg3 = write_cfg(
+        root / "three.yaml", three, f"'{root}/data/part-*.bin'", f"{root}/data/val.bin"
+    )
+    train_together((cfg, ["--nproc", "2"]), (cfg3, ["--nproc", "2", "--set", "train.steps=3"]))
+    return root / "data", ckpt, three
+
+
+@pytest.fixture(scope="module")
+def straight_run(token_runs: tuple[Path, Path, Path]) -> tuple[Path, Path]:
+    """6 steps at world size 2 on the local multi-file corpus: (corpus dir, checkpoint root)."""
+    data, straight, _ = token_runs
+    return data, straight
 
 
 @pytest.mark.slow
 def test_resume_at_another_world_size_on_token_files(
-    tmp_path: Path, straight_run: tuple[Path, Path]
+    tmp_path: Path, token_runs: tuple[Path, Path, Path]
 ) -> None:
-    data, straight = straight_run
+    data, straight, three = token_runs
     ckpt = tmp_path / "resumed"
+    shutil.copytree(three, ckpt)  # 3 steps at world size 2 on the shards by glob
     cfg = write_cfg(tmp_path / "cfg.yaml", ckpt, f"'{data}/part-*.bin'", f"{data}/val.bin")
-    train(cfg, "--nproc", "2", "--set", "train.steps=3")
     train(cfg, "--nproc", "3")  # 12 = 2 x 3 x 2: the same global batch at 3 ranks
     r = CheckpointReader.open(str(ckpt))
     assert (r.manifest.step, r.manifest.layout.world_size) == (6, 3)
