@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from zshard.errors import StorageError, ZshardError
-from zshard.store import dtypes, layout, shard, shard_read, storage
+from zshard.store import dtypes, layout, shard, storage
 from zshard.store import writer as writer_mod
 from zshard.store.layout import Layout, pack
 from zshard.store.manifest import ArrayEntry, TensorEntry
@@ -265,47 +265,6 @@ def test_large_pieces_checksum_on_the_crc_thread(tmp_path, monkeypatch):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert verify(str(tmp_path / "threaded")).ok
     assert_reads(CheckpointReader.open(str(tmp_path / "threaded")), mods)
-
-
-def test_large_local_reads_checksum_each_chunk_while_the_next_is_read(tmp_path, monkeypatch):
-    """Chunks of at least 1 MiB: one read per chunk, each checksummed on the crc thread; any
-    range reads back what was written, and a damaged chunk in the middle of a long read is
-    named."""
-    monkeypatch.setattr(layout, "TARGET_CHUNK_NUMEL", 500_000)  # three 1.3 MB chunks per shard
-    rng = np.random.default_rng(3)
-    big = {"big.w": rng.standard_normal((1000, 1999), dtype=np.float32)}
-    mods = {"big": big, **modules(3, seed=3)}
-    save_stage3(str(tmp_path), mods, 2)
-    reads: list[int] = []
-    threads: set[str] = set()
-    real_readinto, real_crc = storage.LocalStorage.readinto, shard_read._pieces_crc
-
-    def readinto(self, key, offset, buffers):
-        reads.append(offset)
-        return real_readinto(self, key, offset, buffers)
-
-    def pieces_crc(pieces):
-        threads.add(threading.current_thread().name)
-        return real_crc(pieces)
-
-    monkeypatch.setattr(storage.LocalStorage, "readinto", readinto)
-    monkeypatch.setattr(shard_read, "_pieces_crc", pieces_crc)
-    reader = CheckpointReader.open(str(tmp_path))
-    assert_reads(reader, mods)
-    assert len(reads) > 6 and any(t.startswith("zshard-crc") for t in threads), (reads, threads)
-    for lo, hi in [(0, 1_999_000), (333_180, 1_200_100), (5, 6), (999_000, 1_999_000)]:
-        got = CheckpointReader.open(str(tmp_path)).read("big.w", "param", lo, hi)
-        assert np.array_equal(got, values("big.w", "param", big["big.w"]).reshape(-1)[lo:hi])
-    # Flip one byte of the middle chunk of rank 0's param shard: the long read names it.
-    step = tmp_path / "step-00000001"
-    s, _ = reader.manifest.locate("g0000", "param")
-    path = step / s.shard_key(0)
-    geo = writer_mod.stored_geometry(s)
-    data = bytearray(path.read_bytes())
-    data[geo.chunk_offset(1) + 100] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(ZshardError, match="chunk 1 of shard"):
-        CheckpointReader.open(str(tmp_path)).read("big.w", "param")
 
 
 def test_one_batched_sync_per_writer(tmp_path, monkeypatch):

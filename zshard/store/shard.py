@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import os
+import threading
 
 import crc32c
 import numpy as np
@@ -40,7 +42,6 @@ from zshard.store.shard_format import (
     as_bytes,
     chunk_nbytes,
     crc,
-    crc_pool,
     encode_index,
     geometry,
     index_nbytes,
@@ -175,6 +176,20 @@ class ShardWriter(ChunkWriter):
 # are written; smaller ones inline (a hand-over costs more than the checksum).
 CRC_THREAD_MIN_BYTES = 1 << 20
 _ZEROS = bytes(1 << 20)
+_CRC_POOL: cf.ThreadPoolExecutor | None = None
+_CRC_PID = 0
+_CRC_LOCK = threading.Lock()
+
+
+def _crc_pool() -> cf.ThreadPoolExecutor:
+    """One crc32c thread per process: tasks run in submission order, so a chunk's running
+    checksum can be carried from one task to the next."""
+    global _CRC_POOL, _CRC_PID
+    with _CRC_LOCK:
+        if _CRC_POOL is None or os.getpid() != _CRC_PID:
+            _CRC_POOL = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-crc")
+            _CRC_PID = os.getpid()
+        return _CRC_POOL
 
 
 class _Running:
@@ -258,7 +273,7 @@ class PackedShardWriter:
         size = geo.chunk_data_nbytes
         isz = self.dt.itemsize
         threaded = view.nbytes >= CRC_THREAD_MIN_BYTES
-        pool = crc_pool() if threaded else None
+        pool = _crc_pool() if threaded else None
         at = self._pos * isz  # data bytes before this piece (crc32c slots not counted)
         try:
             while view.nbytes:

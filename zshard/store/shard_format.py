@@ -3,10 +3,7 @@ metadata, shared by the shard writers (shard.py) and readers (shard_read.py)."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
-import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,23 +66,6 @@ def as_bytes(a: np.ndarray) -> memoryview:
 def crc(data: memoryview | bytes | bytearray | np.ndarray, value: int = 0) -> int:
     """crc32c of ``data``, continuing from ``value`` (the crc of the bytes before it)."""
     return int(crc32c.crc32c(as_bytes(data) if isinstance(data, np.ndarray) else data, value))
-
-
-_CRC_POOL: cf.ThreadPoolExecutor | None = None
-_CRC_PID = 0
-_CRC_LOCK = threading.Lock()
-
-
-def crc_pool() -> cf.ThreadPoolExecutor:
-    """One crc32c thread per process (crc32c releases the GIL for large buffers): writers and
-    readers checksum on it while they move the next bytes. Tasks run in submission order, so a
-    chunk's running checksum can be carried from one task to the next."""
-    global _CRC_POOL, _CRC_PID
-    with _CRC_LOCK:
-        if _CRC_POOL is None or os.getpid() != _CRC_PID:
-            _CRC_POOL = cf.ThreadPoolExecutor(1, thread_name_prefix="zshard-crc")
-            _CRC_PID = os.getpid()
-        return _CRC_POOL
 
 
 def index_nbytes(n_chunks: int) -> int:

@@ -13,7 +13,6 @@ from zshard.store.shard_format import (
     Geometry,
     chunk_nbytes,
     crc,
-    crc_pool,
     encode_index,
     geometry,
     index_nbytes,
@@ -180,23 +179,18 @@ def read_shard_range(
         buffers += [*pieces, memoryview(crc_buf)]
         checks.append((i, pieces, crc_buf))
     index = bytearray(geo.index_nbytes if joint_index else 0)
-    head = [memoryview(index)] if joint_index else []
     try:
-        if (
-            isinstance(storage, LocalStorage)
-            and len(checks) > 1
-            and geo.chunk_data_nbytes >= _PIPELINE_MIN_BYTES
-        ):
-            values = _read_pipelined(storage, key, geo, head, checks)
-        else:
-            storage.readinto(key, 0 if head else geo.chunk_offset(lo_i), [*head, *buffers])
-            values = None
         if joint_index:
+            storage.readinto(key, 0, [memoryview(index), *buffers])
             check_index(bytes(index), geo, dt, where)
+        else:
+            storage.readinto(key, geo.chunk_offset(lo_i), buffers)
     except (StorageError, CorruptDataError) as e:
         raise type(e)(f"{where}: {e}") from None
-    for n_check, (i, pieces, stored) in enumerate(checks):
-        value = _pieces_crc(pieces) if values is None else values[n_check]
+    for i, pieces, stored in checks:
+        value = 0
+        for v in pieces:
+            value = crc(v, value)
         if np.uint32(value).tobytes() != bytes(stored):
             if i > last:  # read ahead, not asked for: leave it to the read that needs it
                 kept = [k for k in kept if k[0] < i]
@@ -205,41 +199,6 @@ def read_shard_range(
     if cache is not None:
         for i, scratch, hole in kept:
             cache.put(key, i, scratch, hole)
-
-
-# Local reads of chunks at least this large checksum each chunk on the crc thread while the next
-# is read; smaller chunks in one read and inline (a hand-over costs more than their checksum).
-_PIPELINE_MIN_BYTES = 1 << 20
-
-
-def _pieces_crc(pieces: list[memoryview]) -> int:
-    value = 0
-    for v in pieces:
-        value = crc(v, value)
-    return value
-
-
-def _read_pipelined(
-    storage: LocalStorage,
-    key: str,
-    geo: Geometry,
-    head: list[memoryview],
-    checks: list[tuple[int, list[memoryview], bytearray]],
-) -> list[int]:
-    """Read consecutive chunks one at a time, each one's crc32c computed on the crc thread
-    while the next is read (a local disk: one ``preadv`` per chunk costs little, and the
-    checksum then adds nothing to the read's time); the computed values in order."""
-    pool = crc_pool()
-    futures = []
-    try:
-        for n, (i, pieces, stored) in enumerate(checks):
-            first = head if n == 0 else []
-            offset = 0 if first else geo.chunk_offset(i)
-            storage.readinto(key, offset, [*first, *pieces, memoryview(stored)])
-            futures.append(pool.submit(_pieces_crc, pieces))
-    finally:
-        values = [f.result() for f in futures]  # no task outlives this call
-    return values
 
 
 # Copying whole shards (offload swap files -> checkpoints) ---------------------------------------

@@ -14,8 +14,8 @@ at stage 3 for ~20% more CPU time per step in page faults).
 The forward's smaller temporaries (attention scores, MLP intermediates: below the threshold)
 still leave the heap fragmented, its free chunks resident: each backward therefore starts by
 returning the heap's free pages to the system (``malloc_trim(0)``, a few milliseconds), so that
-the pages the backward does not reuse stop counting (stage 2: -31 MiB of the bench model's peak,
-stage 3: -20 MiB).
+the pages the backward does not reuse stop counting (on the bench model -21 MiB of stage 2's peak
+RSS, -20 MiB of stage 3's; docs/benchmarks.md).
 
 A user's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's variable for the same setting) wins: it is left
 alone, and so is every allocator but glibc's.

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 STAGE2_SLOTS = 2  # stage 2: gradient buckets in flight (one filling while one reduces)
-STAGE3_SLOTS = 2  # stage 3: module gradients being reduce-scattered at once
+# Stage 3: module gradients being reduce-scattered at once (native, qgZ); on gloo, gradient bytes
+# in flight in units of the largest module.
+STAGE3_SLOTS = 2
 GATHER_SLOTS = 2  # stages 1-2, mode native: parameter all-gather buckets in flight
 UPDATE_WINDOW = 1 << 19  # elements per optimizer-update window (elementwise optimizers)
 
