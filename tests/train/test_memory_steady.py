@@ -298,9 +298,9 @@ def test_a_users_own_malloc_threshold_is_left_alone() -> None:
     assert got == {"default": False, "applied": False, "policy": False}
 
 
-# ``fragment`` leaves 56 MiB of free, touched chunks between live ones on the heap (256 KiB
-# each: below any mmap threshold), then runs one backward of a CPU engine; the RSS it reports
-# before and after that backward.
+# The probe leaves 56 MiB of free, touched chunks between live ones on the heap (256 KiB each:
+# below any mmap threshold), then runs one backward of a CPU engine, and reports how much RSS
+# that backward gave back (the live chunks are kept until the end).
 _TRIM_PROBE = """
 import json, sys
 import torch
