@@ -57,7 +57,6 @@ with ``reshard_after_forward=True``; every zshard stage's per-rank peak RSS minu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -470,14 +469,13 @@ def worker(spec: Spec) -> dict[str, Any]:
 def activation_probe(spec: Spec) -> dict[str, Any]:
     """One process, no engine and no process group: the peak RSS growth of a forward + backward
     of the model on rank 0's micro batch, with gradients already allocated by a warm-up step."""
-    import ctypes
 
     import torch
 
     torch.set_num_threads(1)
     import torch._dynamo  # as in the workers
 
-    from zshard.train.engine import apply_host_alloc_policy
+    from zshard.train.engine import apply_host_alloc_policy, release_free_heap
 
     # The allocator policy a zshard engine sets on the CPU (engine/_host_alloc.py), so that the
     # bound it is held to counts activations under the same allocator, not under a heap that
@@ -487,8 +485,7 @@ def activation_probe(spec: Spec) -> dict[str, Any]:
     model = _seeded_model(spec)
     x, y = _batch(0, 0, spec, cfg.vocab_size, cfg.seq_len)
     model(x, y).backward()  # allocates .grad and autograd's lasting buffers
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_free_heap()
     before = rss_bytes()
     reset = reset_peak_rss()
     loss = model(x, y)

@@ -11,7 +11,11 @@ from zshard.train.engine._checkpoint import (
     resume_source,
 )
 from zshard.train.engine._engine import Engine, initialize
-from zshard.train.engine._host_alloc import MMAP_THRESHOLD, apply_host_alloc_policy
+from zshard.train.engine._host_alloc import (
+    MMAP_THRESHOLD,
+    apply_host_alloc_policy,
+    release_free_heap,
+)
 
 __all__ = [
     "MMAP_THRESHOLD",
@@ -23,5 +27,6 @@ __all__ = [
     "check_model_matches",
     "holds_checkpoints",
     "initialize",
+    "release_free_heap",
     "resume_source",
 ]

@@ -267,7 +267,8 @@ class Engine:
         self._window_micro += 1
         self.micro_steps += 1
         boundary = self._window_micro == self.grad_accum
-        release_free_heap()  # the forward's free heap pages (CPU; see _host_alloc.py)
+        if self.device.type == "cpu":
+            release_free_heap()  # the forward's free heap pages (see _host_alloc.py)
         self._sink.begin_backward(boundary)
         (loss.float() * (self.scaler.scale / self.grad_accum)).backward()
         self._sink.finish_backward(boundary)  # reductions may still be in flight

@@ -32,8 +32,7 @@ log = logging.getLogger("zshard.train")
 
 MMAP_THRESHOLD = 4 << 20  # bytes
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-_applied = False
-_trim: Callable[[int], int] | None = None  # glibc's malloc_trim, once the policy is applied
+_trim: Callable[[int], int] | None = None  # glibc's malloc_trim, set once the policy is applied
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -49,17 +48,17 @@ def _glibc() -> ctypes.CDLL | None:
 def apply_host_alloc_policy() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` once per process; True if it is set
     (now or before), False where it does not apply (another libc, or the user chose a value)."""
-    global _applied, _trim
-    if _applied:
+    global _trim
+    if _trim is not None:
         return True
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     libc = _glibc()
     if libc is None or libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
         return False
-    _applied = True
-    _trim = libc.malloc_trim
-    _trim.argtypes = [ctypes.c_size_t]
+    trim = libc.malloc_trim
+    trim.argtypes = [ctypes.c_size_t]
+    _trim = trim
     log.debug("host allocator: glibc mmap threshold fixed at %d bytes", MMAP_THRESHOLD)
     return True
 
