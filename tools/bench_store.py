@@ -41,12 +41,10 @@ import argparse
 import contextlib
 import math
 import os
-import queue
 import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -94,11 +92,7 @@ RSS_SLACK = 256 * MIB  # consolidate peak RSS target: largest tensor + this
 STORE_CODE = ("zshard/store", "zshard/convert/consolidate.py")  # what the timings depend on
 RAW_PIECE = 4 << 20  # bytes per syscall in the chunked raw baseline, like the store's chunks
 RAW_SAVES = ("raw tofile per tensor + fsync", "raw 4 MiB writes + fsync")
-RAW_LOADS = (
-    "raw np.fromfile per tensor",
-    "raw 4 MiB reads",
-    "raw np.fromfile on a read-ahead thread",
-)
+RAW_LOADS = ("raw np.fromfile per tensor", "raw 4 MiB reads")
 
 
 def progress(msg: str) -> None:
@@ -203,28 +197,6 @@ def raw_load(path: str, shapes: dict[str, tuple[int, ...]]) -> State:
         for name, shape in shapes.items():
             a = np.fromfile(f, dtype=np.float32, count=math.prod(shape))
             out[name] = torch.from_numpy(a).view(shape)
-    return out
-
-
-def raw_load_ahead(path: str, shapes: dict[str, tuple[int, ...]]) -> State:
-    """``raw_load`` on a thread that runs at most two tensors ahead of the consumer, as the
-    store's ``read_tensors`` does: the control for what reading (and allocating) on another
-    thread gains by itself, with no checksum to overlap."""
-    ready: queue.Queue[tuple[str, np.ndarray] | None] = queue.Queue(maxsize=1)
-
-    def produce() -> None:
-        with open(path, "rb") as f:
-            for name, shape in shapes.items():
-                ready.put((name, np.fromfile(f, dtype=np.float32, count=math.prod(shape))))
-        ready.put(None)
-
-    worker = threading.Thread(target=produce, name="raw-read-ahead")
-    worker.start()
-    out = {}
-    while (item := ready.get()) is not None:
-        name, a = item
-        out[name] = torch.from_numpy(a).view(shapes[name])
-    worker.join()
     return out
 
 
@@ -388,16 +360,7 @@ def _rank_of(name: str) -> int | None:
 
 
 def store_load(root: str) -> State:
-    """What a loader does with the public reader: every tensor, whole, into new memory, with
-    ``read_tensors`` (the next tensor is read while this one's checksums are computed)."""
-    r = CheckpointReader.open(root)
-    return {
-        t.name: torch.from_numpy(a.reshape(t.shape)) for t, a in r.read_tensors(r.iter_tensors())
-    }
-
-
-def store_load_one_by_one(root: str) -> State:
-    """Diagnostic: ``read_tensor`` per tensor, each verified before the next is read."""
+    """What a loader does with the public reader: every tensor, whole, into new memory."""
     r = CheckpointReader.open(root)
     return {t.name: torch.from_numpy(r.read_tensor(t.name, t.kind)) for t in r.iter_tensors()}
 
@@ -480,13 +443,6 @@ def methods(shapes: dict[str, tuple[int, ...]]) -> list[Method]:
             lambda p: raw_load_pieces(p, shapes),
         ),
         Method(
-            "raw-ahead.bin",
-            None,
-            raw_save,
-            Phase(RAW_LOADS[2], "raw"),
-            lambda p: raw_load_ahead(p, shapes),
-        ),
-        Method(
             "store-ws1",
             Phase(ws1, "target"),
             lambda s, p: store_save(s, p, plan1),
@@ -506,13 +462,6 @@ def methods(shapes: dict[str, tuple[int, ...]]) -> list[Method]:
             lambda s, p: store_save(s, p, plan3),
             Phase(STAGE3, "target"),
             store_load,
-        ),
-        Method(
-            "store-ws1-one-by-one",
-            None,
-            lambda s, p: store_save(s, p, plan1),
-            Phase("zshard store, ws 1, read_tensor one by one", "diagnostic"),
-            store_load_one_by_one,
         ),
         Method(
             "store-ws1-shards",

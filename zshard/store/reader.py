@@ -13,9 +13,7 @@ Opening a checkpoint parses JSON only: nothing is ever unpickled (docs/design.md
 from __future__ import annotations
 
 import json
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,7 +25,7 @@ from zshard.errors import (
     ZshardError,
 )
 from zshard.store import dtypes
-from zshard.store.layout import ReadPiece, intersect
+from zshard.store.layout import intersect
 from zshard.store.manifest import (
     MANIFEST_KEY,
     Manifest,
@@ -37,7 +35,7 @@ from zshard.store.manifest import (
     unframe_json,
 )
 from zshard.store.root import CheckpointRef, resolve
-from zshard.store.shard import ChunkCache, Geometry, RangeRead, array_metadata
+from zshard.store.shard import ChunkCache, Geometry, array_metadata, read_shard_range
 from zshard.store.storage import LocalStorage, Storage, open_storage
 
 # Remote stores: bytes read ahead per request, in concurrent ranged GETs of
@@ -47,11 +45,6 @@ from zshard.store.storage import LocalStorage, Storage, open_storage
 # cache holds one window and the partly used chunks at its edges.
 READAHEAD_BYTES = 128 << 20
 _REMOTE_CACHE_BYTES = READAHEAD_BYTES + (16 << 20)
-
-
-# A range of ``read_tensors``: a tensor, its output, whether the range is its last, and the read
-# (None: an empty tensor, nothing to read).
-_Step = tuple[TensorEntry, np.ndarray, bool, RangeRead | None]
 
 
 class CheckpointReader:
@@ -109,103 +102,29 @@ class CheckpointReader:
 
     def read_into(self, t: TensorEntry, start: int, out: np.ndarray) -> None:
         """Fill ``out`` (storage dtype) with elements ``[start, start + out.size)`` of ``t``."""
-        for piece in intersect(t.fragments, start, start + out.size):
-            r = self._range_read(t, piece, out)
-            r.fetch()
-            self._index_checked.add(r.key)
-            r.verify()
-            r.publish()
-
-    def read_tensors(
-        self, tensors: Iterable[TensorEntry]
-    ) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-        """Each of ``tensors`` whole, in the order given, as ``(entry, flat array in its storage
-        dtype)``, verified as ``read`` verifies it.
-
-        For loaders that go through a checkpoint. On a local disk a thread reads range after
-        range while this one checks each range's checksums: the checksums (a tenth of a cold
-        read's time) leave the critical path, and the disk never waits for them. It runs at most
-        two ranges ahead of the consumer, so at most two tensors' memory is allocated early; it
-        is stopped and joined when the iteration ends, early or not. Remote stores read ahead
-        within their requests instead (``READAHEAD_BYTES``) and read as ``read`` does.
-        """
-        if self._remote:
-            for t in tensors:
-                yield t, self.read(t.name, t.kind)
-            return
-        entries = list(tensors)
-        cache = ChunkCache(capacity=4)  # its own: the consumer may use the reader meanwhile
-        ready: queue.Queue[_Step | BaseException | None] = queue.Queue(maxsize=1)
-        stop = threading.Event()
-
-        def put(item: _Step | BaseException | None) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            # A range is published to the cache before the consumer verifies it: the next one
-            # may copy an edge chunk's bytes from it, and is yielded only after it passed.
-            try:
-                for t in entries:
-                    out = np.empty(t.numel, dtype=dtypes.dtype(t.dtype).numpy)
-                    pieces = intersect(t.fragments, 0, t.numel)
-                    if not pieces and not put((t, out, True, None)):
-                        return
-                    for j, piece in enumerate(pieces):
-                        r = self._range_read(t, piece, out, cache)
-                        r.fetch()
-                        self._index_checked.add(r.key)
-                        r.publish()
-                        if not put((t, out, j == len(pieces) - 1, r)):
-                            return
-                put(None)
-            except BaseException as e:
-                put(e)
-
-        worker = threading.Thread(target=produce, name="zshard-read-ahead", daemon=True)
-        worker.start()
-        try:
-            while (item := ready.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                t, out, last, r = item
-                if r is not None:
-                    r.verify()
-                if last:
-                    yield t, out
-        finally:
-            stop.set()
-            worker.join()
-
-    def _range_read(
-        self, t: TensorEntry, piece: ReadPiece, out: np.ndarray, cache: ChunkCache | None = None
-    ) -> RangeRead:
-        """The planned read of one piece of ``t`` (a fragment's part in one shard) into its
-        place in ``out``, which holds the elements from the start of ``t``'s intersect range."""
         m = self.manifest
         dt = dtypes.dtype(t.dtype)
-        g = m.layout.group(piece.group)
-        s, base = m.locate(piece.group, t.kind)
-        self._check_array(t, s)
-        key = s.shard_key(piece.rank)
-        geo = Geometry(s.shard_numel, s.chunk_numel, dt.itemsize)
-        return RangeRead(
-            self.dir,
-            key,
-            geo,
-            dt,
-            base + piece.offset - piece.rank * g.partition_numel,
-            out[piece.out_offset : piece.out_offset + piece.length],
-            where=f"tensor {t.name!r} ({t.kind}) in {self.dir.url}/{key}",
-            check_index_bytes=key not in self._index_checked,
-            cache=self._chunks if cache is None else cache,
-            readahead=READAHEAD_BYTES // geo.chunk_nbytes if self._remote else 0,
-        )
+        for piece in intersect(t.fragments, start, start + out.size):
+            g = m.layout.group(piece.group)
+            s, base = m.locate(piece.group, t.kind)
+            self._check_array(t, s)
+            key = s.shard_key(piece.rank)
+            geo = Geometry(s.shard_numel, s.chunk_numel, dt.itemsize)
+            lo = base + piece.offset - piece.rank * g.partition_numel
+            readahead = READAHEAD_BYTES // geo.chunk_nbytes if self._remote else 0
+            read_shard_range(
+                self.dir,
+                key,
+                geo,
+                dt,
+                lo,
+                out[piece.out_offset : piece.out_offset + piece.length],
+                where=f"tensor {t.name!r} ({t.kind}) in {self.dir.url}/{key}",
+                check_index_bytes=key not in self._index_checked,
+                cache=self._chunks,
+                readahead=readahead,
+            )
+            self._index_checked.add(key)
 
     def _check_array(self, t: TensorEntry, a: StoredArray) -> None:
         """The array's zarr.json must be what the manifest implies, once per array and reader.

@@ -48,13 +48,7 @@ from zshard.store.shard_format import (
     shard_key,
     shard_nbytes,
 )
-from zshard.store.shard_read import (
-    ChunkCache,
-    RangeRead,
-    check_index,
-    copy_shard,
-    read_shard_range,
-)
+from zshard.store.shard_read import ChunkCache, check_index, copy_shard, read_shard_range
 from zshard.store.storage import (
     PositionalWriter,
     Storage,
@@ -69,7 +63,6 @@ __all__ = [
     "ChunkWriter",
     "Geometry",
     "PackedShardWriter",
-    "RangeRead",
     "ShardWriter",
     "array_metadata",
     "array_metadata_bytes",

@@ -110,141 +110,95 @@ def read_shard_range(
     ``cache`` (remote stores: few large requests instead of one per tensor). ``where`` names the
     tensor or array for error messages.
     """
-    r = RangeRead(storage, key, group, dt, start, out, where, check_index_bytes, cache, readahead)
-    r.fetch()
-    r.verify()
-    r.publish()
+    n = out.size
+    if n == 0:
+        return
+    geo = geometry(group, dt)
+    c = geo.chunk_numel
+    isz = dt.itemsize
+    first, last = start // c, (start + n - 1) // c
+    out_bytes = out.reshape(-1).data.cast("B")
 
+    def bounds(i: int) -> tuple[int, int, int]:
+        """(from, to) bytes within chunk ``i`` that the range uses, and where they go in out."""
+        lo, hi = i * c, (i + 1) * c
+        a, b = max(lo, start), min(hi, start + n)
+        return (a - lo) * isz, (b - lo) * isz, (a - start) * isz
 
-_Check = tuple[int, list[memoryview], bytearray]  # chunk, its bytes in order, stored crc32c
+    def whole(i: int) -> bool:
+        return i * c >= start and (i + 1) * c <= start + n
 
-
-class RangeRead:
-    """:func:`read_shard_range` in steps, so that a reader can fetch one range while it
-    verifies the one before (``CheckpointReader.read_tensors``).
-
-    Constructing it serves what ``cache`` holds and plans the request for the rest (checking
-    the shard index on its own if the request does not start at chunk 0); ``fetch`` makes the
-    request (any thread: it touches only this read's buffers); ``verify`` checks every chunk's
-    crc32c; ``publish`` keeps the partly used chunks in ``cache``. Publishing before verifying
-    is allowed when nothing was read ahead and the cache dies with a failed read: a neighbour
-    planned meanwhile copies bytes that this read's ``verify`` covers.
-    """
-
-    def __init__(
-        self,
-        storage: Storage,
-        key: str,
-        group: FlatGroup | Geometry,
-        dt: DType,
-        start: int,
-        out: np.ndarray,
-        where: str,
-        check_index_bytes: bool = True,
-        cache: ChunkCache | None = None,
-        readahead: int = 0,
-    ) -> None:
-        self.storage, self.key, self.dt, self.where, self.cache = storage, key, dt, where, cache
-        self.geo = geo = geometry(group, dt)
-        self.checks: list[_Check] = []
-        # chunks read (partly) into scratch: edges, read ahead; with the hole ``out`` took
-        self.kept: list[tuple[int, np.ndarray, tuple[int, int]]] = []
-        self.joint_index = False
-        self.index = bytearray(0)
-        n = out.size
-        if n == 0:
-            return
-        c = geo.chunk_numel
-        isz = dt.itemsize
-        first, self.last = start // c, (start + n - 1) // c
-        out_bytes = out.reshape(-1).data.cast("B")
-
-        def bounds(i: int) -> tuple[int, int, int]:
-            """(from, to) bytes of chunk ``i`` that the range uses, and where they go in out."""
-            lo, hi = i * c, (i + 1) * c
-            a, b = max(lo, start), min(hi, start + n)
-            return (a - lo) * isz, (b - lo) * isz, (a - start) * isz
-
-        def whole(i: int) -> bool:
-            return i * c >= start and (i + 1) * c <= start + n
-
-        # Serve what the cache holds; read only the span of chunks that remains.
-        missing = []
-        for i in range(first, self.last + 1):
-            a, b, dst = bounds(i)
-            cached = cache.get(key, i, a, b) if cache is not None else None
-            if cached is None:
-                missing.append(i)
-                continue
-            out_bytes[dst : dst + (b - a)] = cached.data[a:b]
-            if whole(i) and cache is not None:
-                cache.pop(key, i)  # used up: a read ahead chunk is read once
-        # The index is checked on a shard's first read: in the same request when that read
-        # starts at chunk 0 (one request fewer per shard on object stores), else on its own.
-        self.joint_index = check_index_bytes and bool(missing) and missing[0] == 0
-        if check_index_bytes and not self.joint_index:
-            try:
-                check_index(storage.read_range(key, 0, geo.index_nbytes), geo, dt, where)
-            except (StorageError, CorruptDataError) as e:
-                raise type(e)(f"{where}: {e}") from None
-        if not missing:
-            return
-        lo_i, hi_i = missing[0], missing[-1]
-        if cache is not None and readahead:
-            for i in range(hi_i + 1, min(geo.n_chunks, hi_i + 1 + readahead)):
-                if cache.held(key, i):
-                    break
-                hi_i = i
-        size = geo.chunk_data_nbytes
-        for i in range(lo_i, hi_i + 1):
-            crc_buf = bytearray(CRC_NBYTES)
-            if i <= self.last and whole(i):
-                pieces = [out_bytes[(i * c - start) * isz : ((i + 1) * c - start) * isz]]
-            else:
-                scratch = np.empty(size, dtype=np.uint8)  # no zero fill: the read overwrites it
-                sv = scratch.data
-                if i <= self.last:  # an edge: the used bytes go straight to out
-                    a, b, dst = bounds(i)
-                    pieces = [sv[:a], out_bytes[dst : dst + (b - a)], sv[b:]]
-                    pieces = [v for v in pieces if v.nbytes]
-                    self.kept.append((i, scratch, (a, b)))
-                else:
-                    pieces = [sv]
-                    self.kept.append((i, scratch, (0, 0)))
-            self.checks.append((i, pieces, crc_buf))
-        self.index = bytearray(geo.index_nbytes if self.joint_index else 0)
-
-    def fetch(self) -> None:
-        if not self.checks:
-            return
-        buffers = [memoryview(self.index)] if self.joint_index else []
-        for _, pieces, crc_buf in self.checks:
-            buffers += [*pieces, memoryview(crc_buf)]
-        offset = 0 if self.joint_index else self.geo.chunk_offset(self.checks[0][0])
+    # Serve what the cache holds; read only the span of chunks that remains.
+    missing = []
+    for i in range(first, last + 1):
+        a, b, dst = bounds(i)
+        cached = cache.get(key, i, a, b) if cache is not None else None
+        if cached is None:
+            missing.append(i)
+            continue
+        out_bytes[dst : dst + (b - a)] = cached.data[a:b]
+        if whole(i) and cache is not None:
+            cache.pop(key, i)  # used up: a read ahead chunk is read once
+    # The index is checked on a shard's first read: in the same request when that read starts
+    # at chunk 0 (one request fewer per shard on object stores), else on its own.
+    joint_index = check_index_bytes and bool(missing) and missing[0] == 0
+    if check_index_bytes and not joint_index:
         try:
-            self.storage.readinto(self.key, offset, buffers)
-            if self.joint_index:
-                check_index(bytes(self.index), self.geo, self.dt, self.where)
+            check_index(storage.read_range(key, 0, geo.index_nbytes), geo, dt, where)
         except (StorageError, CorruptDataError) as e:
-            raise type(e)(f"{self.where}: {e}") from None
-
-    def verify(self) -> None:
-        for i, pieces, stored in self.checks:
-            value = 0
-            for v in pieces:
-                value = crc(v, value)
-            if np.uint32(value).tobytes() != bytes(stored):
-                if i > self.last:  # read ahead, not asked for: leave it to the read that needs it
-                    self.kept = [k for k in self.kept if k[0] < i]
-                    break
-                raise CorruptDataError(
-                    f"{self.where}: chunk {i} of shard {self.key} fails its crc32c checksum"
-                )
-
-    def publish(self) -> None:
-        if self.cache is not None:
-            for i, scratch, hole in self.kept:
-                self.cache.put(self.key, i, scratch, hole)
+            raise type(e)(f"{where}: {e}") from None
+    if not missing:
+        return
+    lo_i, hi_i = missing[0], missing[-1]
+    if cache is not None and readahead:
+        for i in range(hi_i + 1, min(geo.n_chunks, hi_i + 1 + readahead)):
+            if cache.held(key, i):
+                break
+            hi_i = i
+    size = geo.chunk_data_nbytes
+    buffers: list[memoryview] = []
+    # (chunk, its bytes in order, stored crc32c)
+    checks: list[tuple[int, list[memoryview], bytearray]] = []
+    # chunks read (partly) into scratch: edges, read ahead; with the hole ``out`` took
+    kept: list[tuple[int, np.ndarray, tuple[int, int]]] = []
+    for i in range(lo_i, hi_i + 1):
+        crc_buf = bytearray(CRC_NBYTES)
+        if i <= last and whole(i):
+            pieces = [out_bytes[(i * c - start) * isz : ((i + 1) * c - start) * isz]]
+        else:
+            scratch = np.empty(size, dtype=np.uint8)  # no zero fill: the read overwrites it
+            sv = scratch.data
+            if i <= last:  # an edge: the used bytes go straight to out
+                a, b, dst = bounds(i)
+                pieces = [sv[:a], out_bytes[dst : dst + (b - a)], sv[b:]]
+                pieces = [v for v in pieces if v.nbytes]
+                kept.append((i, scratch, (a, b)))
+            else:
+                pieces = [sv]
+                kept.append((i, scratch, (0, 0)))
+        buffers += [*pieces, memoryview(crc_buf)]
+        checks.append((i, pieces, crc_buf))
+    index = bytearray(geo.index_nbytes if joint_index else 0)
+    try:
+        if joint_index:
+            storage.readinto(key, 0, [memoryview(index), *buffers])
+            check_index(bytes(index), geo, dt, where)
+        else:
+            storage.readinto(key, geo.chunk_offset(lo_i), buffers)
+    except (StorageError, CorruptDataError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    for i, pieces, stored in checks:
+        value = 0
+        for v in pieces:
+            value = crc(v, value)
+        if np.uint32(value).tobytes() != bytes(stored):
+            if i > last:  # read ahead, not asked for: leave it to the read that needs it
+                kept = [k for k in kept if k[0] < i]
+                break
+            raise CorruptDataError(f"{where}: chunk {i} of shard {key} fails its crc32c checksum")
+    if cache is not None:
+        for i, scratch, hole in kept:
+            cache.put(key, i, scratch, hole)
 
 
 # Copying whole shards (offload swap files -> checkpoints) ---------------------------------------
