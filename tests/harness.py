@@ -308,6 +308,26 @@ def start_cli(
     return subprocess.Popen(cmd, cwd=cwd, env=full, stdout=stdout, stderr=stderr, text=True)
 
 
+def run_cli_together(
+    *argvs: Sequence[str | os.PathLike], env: Mapping[str, str] | None = None, timeout: float = 240
+) -> list[tuple[int, str]]:
+    """Several ``zshard`` commands at the same time: (exit code, stderr) of each, in order. None
+    is left running, whatever happens.
+
+    A training run spends most of its wall time starting processes one after another (launcher,
+    agent, workers), with a core often idle, so independent runs finish sooner side by side.
+    """
+    procs = [start_cli(*argv, env=env) for argv in argvs]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 # -- the tiny training run ----------------------------------------------------------------------
 
 TINY_GPT = "{name: gpt, args: {n_layer: 1, n_head: 2, d_model: 32}}"

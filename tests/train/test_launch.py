@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.harness import run_cli_together
 from zshard.cli import main
 from zshard.store.reader import CheckpointReader
 
@@ -54,33 +55,6 @@ def zshard(
     )
 
 
-def zshard_together(*argvs: list[str], timeout: float = 240) -> list[tuple[int, str]]:
-    """Several ``zshard`` commands run at the same time: (exit code, stderr) of each, in order.
-
-    A training run spends most of its wall time starting processes one after another (launcher,
-    agent, workers), with a core often idle, so independent runs finish sooner side by side.
-    """
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "zshard.cli", *argv],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for argv in argvs
-    ]
-    try:
-        errs = [p.communicate(timeout=timeout)[1] for p in procs]
-        return [(p.returncode, err) for p, err in zip(procs, errs)]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
 def final_params(ckpt: Path) -> dict[str, torch.Tensor]:
     r = CheckpointReader.open(str(ckpt))
     kinds = {t.kind for t in r.manifest.tensors}
@@ -109,9 +83,10 @@ def first_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run stopped after 3 steps (``--set train.steps=3``), made at the same time."""
     tmp, tmp3 = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("three")
     ckpt, ckpt3 = tmp / "run", tmp3 / "run"
-    straight_run, three_run = zshard_together(
-        ["train", str(write_config(tmp, ckpt)), "--nproc", "2"],
-        ["train", str(write_config(tmp3, ckpt3)), "--nproc", "2", "--set", "train.steps=3"],
+    straight_run, three_run = run_cli_together(
+        ["train", write_config(tmp, ckpt), "--nproc", "2"],
+        ["train", write_config(tmp3, ckpt3), "--nproc", "2", "--set", "train.steps=3"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert straight_run[0] == 0, straight_run[1]
     assert three_run[0] == 0, three_run[1]

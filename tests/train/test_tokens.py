@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from tests.harness import TINY_GPT, run_cli, start_cli, subprocess_env
+from tests.harness import TINY_GPT, run_cli, run_cli_together, subprocess_env
 from zshard.errors import ConfigError
 from zshard.store.reader import CheckpointReader
 from zshard.train.config import load_config
@@ -648,19 +648,10 @@ def train(cfg: Path, *args: str, env: dict[str, str] | None = None) -> None:
 
 
 def train_together(*runs: tuple[Path, list[str]]) -> None:
-    """:func:`train` of each (config, arguments) at the same time. A run spends most of its wall
-    time starting processes one after another (launcher, agent, workers), with a core often
-    idle, so independent runs finish sooner side by side."""
-    procs = [start_cli("train", cfg, *args) for cfg, args in runs]
-    try:
-        errs = [p.communicate(timeout=300)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, err in zip(procs, errs):
-        assert p.returncode == 0, err
+    """:func:`train` of each (config, arguments), side by side (``run_cli_together``)."""
+    done = run_cli_together(*(["train", cfg, *args] for cfg, args in runs), timeout=300)
+    for code, err in done:
+        assert code == 0, err
 
 
 def params(ckpt: Path) -> dict[str, torch.Tensor]:

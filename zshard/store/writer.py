@@ -312,6 +312,8 @@ class CheckpointWriter:
         shard.writer.abort()
 
     def _rank(self, rank: int | None) -> int:
+        """The rank a call writes; a rank named explicitly marks this writer as a tool writing
+        several ranks (durable together at ``finish``)."""
         if rank is not None:
             self._many_ranks = True
             return rank
